@@ -1,0 +1,398 @@
+"""FG-SGD: Riemannian SGD over collections of products of manifolds (Ozay, NeurIPS 2019)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import geoopt
+import torch
+from geoopt.optim import RiemannianSGD
+from torch.optim.sgd import sgd as _torch_sgd
+
+from ..collections import KernelCollection
+from . import _fused
+from ._batched import batched_collection_step
+
+__all__ = ["FGSGD", "NONFINITE_POLICIES", "fgsgd"]
+
+NONFINITE_POLICIES = ("skip", "raise", "none")
+BACKENDS = ("auto", "fused", "torch")
+
+_FG_DEFAULTS = {
+    "maximize": False,
+    "adaptive_step": True,
+    "nonfinite": "skip",
+    "backend": "auto",
+}
+
+
+def _check_number(name: str, value: Any, *, low: float = 0.0, high: float | None = None,
+                  high_open: bool = False) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor")
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < low:
+        raise ValueError(f"Invalid {name}: {value} (expected a finite value >= {low})")
+    if high is not None and (value >= high if high_open else value > high):
+        bound = f"< {high}" if high_open else f"<= {high}"
+        raise ValueError(f"Invalid {name}: {value} (expected {bound})")
+
+
+def _validate(group: dict[str, Any]) -> None:
+    _check_number("lr", group["lr"])
+    _check_number("momentum", group["momentum"], high=1.0, high_open=True)
+    _check_number("dampening", group["dampening"], high=1.0)
+    _check_number("weight_decay", group["weight_decay"])
+    for key in ("nesterov", "maximize", "adaptive_step"):
+        if not isinstance(group[key], bool):
+            raise ValueError(f"{key} must be a bool, got {group[key]!r}")
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
+    if group["nonfinite"] not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {group['nonfinite']!r}"
+        )
+    if group["backend"] not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {group['backend']!r}")
+    stabilize = group.get("stabilize")
+    if stabilize is not None and (isinstance(stabilize, bool) or not isinstance(stabilize, int)
+                                  or stabilize < 1):
+        raise ValueError(f"stabilize must be None or a positive int, got {stabilize!r}")
+
+
+class FGSGD(RiemannianSGD):
+    r"""Fine-grained SGD on collections of products of weight manifolds.
+
+    For every POM :math:`g` of every :class:`~fgo_geoopt.KernelCollection` parameter, with
+    stored weight :math:`W = R \odot w` (``R = 1`` without re-scaling):
+
+    .. code-block:: text
+
+        G     = R * dL/dW                          # gradient in unit coordinates
+        r     = proj_{T_w}(G)                      # per kernel (Sp / Ob / St / Euc)
+        R_g   = || r ||  over the kernels of g
+        tau_g = max(1, R_g (2 + R_g))              # Eq. (7), if adaptive_step
+        r     = r / tau_g
+        b     = r                        (first step)
+        b     = momentum * b + (1 - dampening) * r (later steps)
+        d     = r + momentum * b  (nesterov)  or  b
+        w'    = retr_w(-lr * d)                    # normalise / Gram-Schmidt / add
+        b     = proj_{T_w'}(b)                     # momentum transported by projection
+        W     = R * w'
+
+    Plain tensors (and ``ManifoldParameter`` on :class:`geoopt.Euclidean`) take exactly the
+    step of :class:`torch.optim.SGD`, through its ``foreach`` implementation. Other geoopt
+    manifolds take the same Riemannian step with the whole tensor as one POM.
+
+    Args:
+        params: Parameters or parameter groups. Group dicts may override every keyword below.
+        lr: Learning rate ``r(t)``; Eq. (7) divides it per POM.
+        momentum: Heavy-ball momentum factor in ``[0, 1)``.
+        dampening: Dampening for momentum.
+        weight_decay: L2 penalty, applied to plain parameters and to Euclidean kernels inside
+            collections only.
+        nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+        maximize: Maximise the objective instead of minimising it.
+        stabilize: Re-project parameters and buffers onto their manifolds every this many
+            steps (``None``: never).
+        adaptive_step: Use the per-POM step size of Eq. (7); ``False`` uses ``lr`` for all.
+        nonfinite: What a NaN / inf gradient does. ``"skip"`` (default): the affected POMs of a
+            manifold parameter, or the affected plain parameter, are left untouched (weights
+            and momentum) and counted in ``optimizer.nonfinite_count``. ``"raise"``: raise
+            ``FloatingPointError`` before anything is updated. ``"none"``: no check (fastest).
+        backend: ``"auto"`` (fused numba step on CPU where possible, batched torch otherwise),
+            ``"fused"`` (require it), or ``"torch"`` (batched torch ops everywhere).
+
+    Note:
+        **Momentum** follows :class:`torch.optim.SGD`: the first step stores the (Riemannian,
+        Eq. (7)-scaled) gradient itself as the buffer, with no dampening; later steps use
+        ``momentum * b + (1 - dampening) * r``. On manifolds the buffer lives in unit
+        coordinates and is transported to each new point by tangent projection.
+
+    Note:
+        **Weight decay** never applies to kernels on a constrained manifold: their norm is
+        fixed, and an L2 pull would only bias the gradient direction. Euclidean kernels inside
+        a collection and plain parameters are decayed as by ``torch.optim.SGD``.
+
+    Note:
+        ``step()`` never writes into ``p.grad``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        stabilize: int | None = None,
+        adaptive_step: bool = True,
+        nonfinite: str = "skip",
+        backend: str = "auto",
+    ):
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+            "adaptive_step": adaptive_step,
+            "nonfinite": nonfinite,
+            "backend": backend,
+            "stabilize": stabilize,
+        }
+        _validate(defaults)
+        if backend == "fused" and not _fused.AVAILABLE:
+            raise ValueError("backend='fused' needs numba, which is not importable here")
+        self._fg_defaults = {k: defaults[k] for k in _FG_DEFAULTS}
+        self.nonfinite_count = 0
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            stabilize=stabilize,
+        )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key, value in getattr(self, "_fg_defaults", _FG_DEFAULTS).items():
+            param_group.setdefault(key, value)
+        super().add_param_group(param_group)
+        _validate(self.param_groups[-1])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if not hasattr(self, "_fg_defaults"):
+            self._fg_defaults = dict(_FG_DEFAULTS)
+        if not hasattr(self, "nonfinite_count"):
+            self.nonfinite_count = 0
+        for group in self.param_groups:
+            for key, value in _FG_DEFAULTS.items():
+                group.setdefault(key, value)
+            group.setdefault("stabilize", None)
+
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        out["nonfinite_count"] = int(self.nonfinite_count)
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        count = state_dict.pop("nonfinite_count", 0)
+        super().load_state_dict(state_dict)
+        self.nonfinite_count = int(count)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimisation step (see the class docstring for the algorithm)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            group["step"] = group.get("step", 0) + 1
+            skipped = fgsgd(
+                [p for p in group["params"] if p.grad is not None],
+                self.state,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+                adaptive_step=group["adaptive_step"],
+                nonfinite=group["nonfinite"],
+                backend=group["backend"],
+            )
+            if skipped is not None:
+                self.nonfinite_count += skipped
+            if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
+                self.stabilize_group(group)
+        return loss
+
+    @torch.no_grad()
+    def stabilize_group(self, group: dict[str, Any]) -> None:
+        """Re-project the group's parameters and momentum buffers onto their manifolds."""
+        for p in group["params"]:
+            manifold = getattr(p, "manifold", None)
+            if manifold is None or isinstance(manifold, geoopt.Euclidean):
+                continue
+            p.copy_(manifold.projx(p))
+            buf = self.state.get(p, {}).get("momentum_buffer")
+            if buf is None:
+                continue
+            if isinstance(manifold, KernelCollection):
+                buf.copy_(manifold.unit_proju(p, buf))
+            else:
+                buf.copy_(manifold.proju(p, buf))
+
+
+def _split(params: list[torch.Tensor]):
+    plain, colls, other = [], [], []
+    for p in params:
+        manifold = getattr(p, "manifold", None)
+        if isinstance(manifold, KernelCollection):
+            colls.append(p)
+        elif manifold is None or isinstance(manifold, geoopt.Euclidean):
+            plain.append(p)
+        else:
+            other.append(p)
+    return plain, colls, other
+
+
+def fgsgd(
+    params: list[torch.Tensor],
+    state: dict[torch.Tensor, dict[str, Any]],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    adaptive_step: bool,
+    nonfinite: str,
+    backend: str,
+) -> int | torch.Tensor | None:
+    """Functional FG-SGD step over ``params`` (all with gradients); returns skipped counts."""
+    lr = float(lr)
+    plain, colls, other = _split(params)
+    check = nonfinite == "skip"
+    if nonfinite == "raise":
+        bad = [i for i, p in enumerate(params) if not bool(torch.isfinite(p.grad).all())]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite gradient in {len(bad)} parameter(s) (positions {bad} of the group "
+                f"with gradients); nothing was updated"
+            )
+    skipped: int | torch.Tensor = 0
+    if plain:
+        skipped = skipped + _plain_step(plain, state, lr, momentum, dampening, weight_decay,
+                                        nesterov, maximize, check)
+    for p in colls:
+        skipped = skipped + _collection_step(
+            p, state, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+            maximize=maximize, weight_decay=weight_decay, adaptive=adaptive_step, check=check,
+            backend=backend,
+        )
+    for p in other:
+        skipped = skipped + _generic_step(p, state, lr, momentum, dampening, nesterov, maximize,
+                                          adaptive_step, check)
+    if isinstance(skipped, torch.Tensor):
+        skipped = int(skipped)
+    return skipped
+
+
+def _plain_step(params, state, lr, momentum, dampening, weight_decay, nesterov, maximize, check):
+    grads = [p.grad for p in params]
+    skipped = 0
+    if check:
+        norms = torch._foreach_norm(grads)
+        finite = torch.stack([n.to(torch.float32) for n in norms]).isfinite().tolist()
+        if not all(finite):
+            skipped = finite.count(False)
+            params = [p for p, ok in zip(params, finite, strict=True) if ok]
+            grads = [p.grad for p in params]
+    if not params:
+        return skipped
+    bufs = [state[p].get("momentum_buffer") for p in params]
+    _torch_sgd(
+        params,
+        grads,
+        bufs,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        lr=lr,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=maximize,
+        foreach=True,
+        has_sparse_grad=False,
+    )
+    if momentum != 0:
+        for p, buf in zip(params, bufs, strict=True):
+            state[p]["momentum_buffer"] = buf
+    return skipped
+
+
+def _collection_step(p, state, *, lr, momentum, dampening, nesterov, maximize, weight_decay,
+                     adaptive, check, backend):
+    coll: KernelCollection = p.manifold
+    st = state[p]
+    first = "momentum_buffer" not in st
+    k, n = coll.num_kernels, coll.kernel_numel
+    use_fused = (
+        backend != "torch"
+        and p.device.type == "cpu"
+        and p.dtype in (torch.float32, torch.float64)
+        and _fused.fused_supported(coll)
+    )
+    if backend == "fused" and not use_fused:
+        raise ValueError(
+            f"backend='fused' cannot step a {p.dtype} parameter on {p.device} with manifolds "
+            f"{coll.manifold_names}: it needs float32/float64 on CPU and built-in manifolds"
+        )
+    buf = None
+    if momentum != 0:
+        if first:
+            st["momentum_buffer"] = torch.empty((k, n), dtype=p.dtype, device=p.device)
+        buf = st["momentum_buffer"]
+    if use_fused:
+        contiguous = p.is_contiguous()
+        x = p if contiguous else p.contiguous()
+        g = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+        skipped = _fused.fused_collection_step(
+            coll,
+            x.detach().view(k, n).numpy(),
+            g.detach().view(k, n).numpy(),
+            None if buf is None else buf.numpy(),
+            lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+            maximize=maximize, weight_decay=weight_decay, adaptive=adaptive, first=first,
+            check=check,
+        )
+        if not contiguous:
+            p.copy_(x)
+    else:
+        skipped = batched_collection_step(
+            coll, p, p.grad, buf, lr=lr, momentum=momentum, dampening=dampening,
+            nesterov=nesterov, maximize=maximize, weight_decay=weight_decay, adaptive=adaptive,
+            first=first, check=check,
+        )
+    return skipped
+
+
+def _generic_step(p, state, lr, momentum, dampening, nesterov, maximize, adaptive, check):
+    """Any other geoopt manifold: the same step with the whole tensor as a single POM."""
+    manifold = p.manifold
+    grad = -p.grad if maximize else p.grad
+    rg = manifold.egrad2rgrad(p, grad.clone())
+    sq = rg.to(torch.float64).pow(2).sum()
+    if check and not bool(torch.isfinite(sq)):
+        return 1
+    if adaptive:
+        big_r = float(sq.sqrt())
+        rg = rg / max(1.0, big_r * (2.0 + big_r))  # Eq. (7)
+    st = state[p]
+    if momentum != 0:
+        if "momentum_buffer" not in st:
+            buf = rg.clone()
+        else:
+            buf = st["momentum_buffer"].mul(momentum).add_(rg, alpha=1.0 - dampening)
+        direction = rg + momentum * buf if nesterov else buf
+        new_p, new_buf = manifold.retr_transp(p, -lr * direction, buf)
+        st["momentum_buffer"] = new_buf
+    else:
+        new_p = manifold.retr(p, -lr * rg)
+    p.copy_(new_p)
+    return 0
