@@ -209,25 +209,29 @@ class KernelCollection(geoopt.Manifold):
             raise ValueError("kernel_pom refers to POMs that pom_type does not describe")
         if int(pom_type.min()) < 0 or int(pom_type.max()) >= len(self.manifold_names):
             raise ValueError("pom_type refers to manifolds that are not in the collection")
-        # Relabel POMs by their first kernel so that POM order follows memory order (and a
-        # partition into single kernels becomes the identity, stored implicitly).
+        # Relabel POMs by (manifold type, first kernel): the POMs of one type form a contiguous
+        # run in memory order, which the fused step processes in homogeneous blocks, and a
+        # partition into single kernels on one manifold becomes the identity (stored implicitly).
         first = torch.full((num_poms,), self.num_kernels, dtype=torch.int64)
         first.scatter_reduce_(0, kernel_pom, torch.arange(self.num_kernels), reduce="amin")
         if bool((first == self.num_kernels).any()):
             raise ValueError("every POM must hold at least one kernel")
-        order = first.argsort()
+        order = (pom_type.to(torch.int64) * self.num_kernels + first).argsort()
         relabel = torch.empty_like(order)
         relabel[order] = torch.arange(num_poms)
         kernel_pom = relabel[kernel_pom]
         self.pom_type = pom_type.to(torch.int64)[order].to(torch.int8)
         self.num_poms = num_poms
-        if num_poms == self.num_kernels:
+        if num_poms == self.num_kernels and bool(
+            (kernel_pom == torch.arange(self.num_kernels)).all()
+        ):
             self.pom_ptr = None  # POM g is kernel g
             self.pom_kernels = None
         else:
             counts = torch.bincount(kernel_pom, minlength=num_poms)
-            self.pom_ptr = torch.zeros(num_poms + 1, dtype=torch.int64)
-            torch.cumsum(counts, 0, out=self.pom_ptr[1:])
+            ptr = torch.zeros(num_poms + 1, dtype=torch.int64)
+            torch.cumsum(counts, 0, out=ptr[1:])
+            self.pom_ptr = ptr.to(torch.int32)
             self.pom_kernels = kernel_pom.argsort(stable=True).to(torch.int32)
 
     @property
@@ -235,7 +239,7 @@ class KernelCollection(geoopt.Manifold):
         """``(K,)`` POM id of every kernel (int64, computed on demand)."""
         if self.pom_kernels is None:
             return torch.arange(self.num_kernels)
-        sizes = self.pom_ptr[1:] - self.pom_ptr[:-1]
+        sizes = (self.pom_ptr[1:] - self.pom_ptr[:-1]).long()
         out = torch.empty(self.num_kernels, dtype=torch.int64)
         out[self.pom_kernels.long()] = torch.repeat_interleave(torch.arange(self.num_poms), sizes)
         return out
@@ -244,7 +248,7 @@ class KernelCollection(geoopt.Manifold):
     def pom_sizes(self) -> torch.Tensor:
         if self.pom_ptr is None:
             return torch.ones(self.num_poms, dtype=torch.int64)
-        return self.pom_ptr[1:] - self.pom_ptr[:-1]
+        return (self.pom_ptr[1:] - self.pom_ptr[:-1]).long()
 
     def kernel_type(self) -> torch.Tensor:
         """``(K,)`` manifold type index of every kernel."""

@@ -1,12 +1,17 @@
-"""Fused CPU step of FG-SGD: one numba loop per layer, parallel over POMs.
+"""Fused CPU step of FG-SGD: numba loops per layer, parallel over blocks of POMs.
 
-For every POM the kernel loop reads ``x``, ``g`` (and ``m``) once from memory: the first
-sweep over the POM's kernels computes the Riemannian-gradient norm of Eq. (7), the second
-(served from cache, a POM is a few KB) applies momentum, retraction and transport and writes
-``x`` and ``m`` once. That is the memory traffic of ``torch.optim.SGD`` (PERF_NOTES.md),
-instead of the dozen passes of a chain of eager tensor ops.
+Eager chains of small-axis tensor ops cost 15-40x an SGD update on 3x3 kernels (PERF_NOTES.md);
+here every kernel is read and written once per step:
 
-The maths is the same as the batched torch path in ``_batched.py`` (tests keep them equal).
+* Small kernels (``n <= SOA_MAX_NUMEL``, the spatial view): the POMs of one manifold type are cut
+  into blocks of a few hundred kernels. A block is gathered into structure-of-arrays buffers
+  ``(n, nk)`` (entry ``j`` of every kernel contiguous), so that every per-kernel formula becomes a
+  loop over kernels that the compiler vectorises; the Eq. (7) norms, momentum, retraction and
+  transport run on the cached block; the block is scattered back once.
+* Large kernels (the filter view of 1x1 convs and linear layers): a POM at a time, a kernel at a
+  time, with loops over the kernel's contiguous entries.
+
+The maths is the batched torch path of ``_batched.py``; tests keep both equal to ``reference.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 
 import numpy as np
 
-try:  # numba is a hard dependency, but the library must keep working without it
+try:  # numba is a declared dependency, but the library keeps working without it
     import numba
     from numba import njit, prange
 except ImportError:  # pragma: no cover - exercised only where numba is missing
@@ -27,15 +32,303 @@ __all__ = ["AVAILABLE", "fused_collection_step", "fused_supported"]
 AVAILABLE = numba is not None and os.environ.get("FGO_DISABLE_NUMBA", "0") != "1"
 
 SPHERE, OBLIQUE, STIEFEL, EUCLIDEAN = 0, 1, 2, 3
+#: Kernels with at most this many entries use the structure-of-arrays block path.
+SOA_MAX_NUMEL = 64
+#: Target number of kernels in one block of the structure-of-arrays path.
+BLOCK_KERNELS = 256
 
 if numba is not None:
+    _jit = {"cache": True, "nogil": True, "error_model": "numpy"}
+    # Reassociation lets the per-kernel reductions vectorise; NaN/inf semantics stay IEEE, so
+    # the non-finite checks keep working.
+    _jit_fm = dict(_jit, fastmath={"reassoc", "contract"})
 
-    @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-    def _rgrad(x, g, s, s_off, scaled, code, ncol, cst, est, sign, wd, rg, coef):
-        """Riemannian gradient of one kernel in unit coordinates into ``rg``; returns |rg|^2."""
+    # ------------------------------------------------------------ structure-of-arrays helpers
+    @njit(**_jit)
+    def _soa_rgrad(code, X, G, R, C, sq, nk, ncol, nrow, cst, est):
+        """Riemannian gradient of the ``nk`` kernels of a block into ``R``; ``sq`` = |R|^2."""
+        n = X.shape[0]
+        for i in range(nk):
+            sq[i] = 0.0
+        if code == EUCLIDEAN:
+            for j in range(n):
+                for i in range(nk):
+                    R[j, i] = G[j, i]
+        elif code == STIEFEL and ncol > 1:
+            # R = G - X sym(X^T G), per kernel
+            for c1 in range(ncol):
+                for c2 in range(ncol):
+                    row = C[c1 * ncol + c2]
+                    for i in range(nk):
+                        row[i] = 0.0
+                    for r in range(nrow):
+                        j1 = c1 * cst + r * est
+                        j2 = c2 * cst + r * est
+                        for i in range(nk):
+                            row[i] += X[j1, i] * G[j2, i]
+            for c1 in range(ncol):
+                for c2 in range(c1 + 1, ncol):
+                    a, b = C[c1 * ncol + c2], C[c2 * ncol + c1]
+                    for i in range(nk):
+                        v = 0.5 * (a[i] + b[i])
+                        a[i] = v
+                        b[i] = v
+            for r in range(nrow):
+                for c in range(ncol):
+                    j = c * cst + r * est
+                    for i in range(nk):
+                        R[j, i] = G[j, i]
+                    for c2 in range(ncol):
+                        j2 = c2 * cst + r * est
+                        coef = C[c2 * ncol + c]
+                        for i in range(nk):
+                            R[j, i] -= X[j2, i] * coef[i]
+        else:
+            # sphere (one column of n entries), oblique, one-column Stiefel: per column
+            # R = G - <X, G> X
+            for c in range(ncol):
+                a = C[0]
+                for i in range(nk):
+                    a[i] = 0.0
+                for r in range(nrow):
+                    j = c * cst + r * est
+                    for i in range(nk):
+                        a[i] += X[j, i] * G[j, i]
+                for r in range(nrow):
+                    j = c * cst + r * est
+                    for i in range(nk):
+                        R[j, i] = G[j, i] - a[i] * X[j, i]
+        for j in range(n):
+            for i in range(nk):
+                sq[i] += R[j, i] * R[j, i]
+
+    @njit(**_jit)
+    def _soa_normalize_columns(X, C, nk, ncol, nrow, cst, est, tiny):
+        for c in range(ncol):
+            a = C[0]
+            for i in range(nk):
+                a[i] = 0.0
+            for r in range(nrow):
+                j = c * cst + r * est
+                for i in range(nk):
+                    a[i] += X[j, i] * X[j, i]
+            fill = 1.0 / math.sqrt(nrow)
+            for i in range(nk):
+                a[i] = 1.0 / math.sqrt(a[i]) if a[i] > tiny * tiny else -1.0
+            for r in range(nrow):
+                j = c * cst + r * est
+                for i in range(nk):
+                    X[j, i] = X[j, i] * a[i] if a[i] > 0.0 else fill
+
+    @njit(**_jit)
+    def _soa_gram_schmidt(X, C, nk, ncol, nrow, cst, est, eps):
+        """CGS2 on the columns of every kernel of the block (as ``orthonormalize``)."""
+        ref, d = C[0], C[1]
+        for c in range(ncol):
+            for i in range(nk):
+                ref[i] = 0.0
+            for r in range(nrow):
+                j = c * cst + r * est
+                for i in range(nk):
+                    ref[i] += X[j, i] * X[j, i]
+            for _ in range(2):
+                for c2 in range(c):
+                    for i in range(nk):
+                        d[i] = 0.0
+                    for r in range(nrow):
+                        j, j2 = c * cst + r * est, c2 * cst + r * est
+                        for i in range(nk):
+                            d[i] += X[j2, i] * X[j, i]
+                    for r in range(nrow):
+                        j, j2 = c * cst + r * est, c2 * cst + r * est
+                        for i in range(nk):
+                            X[j, i] -= d[i] * X[j2, i]
+            for i in range(nk):
+                d[i] = 0.0
+            for r in range(nrow):
+                j = c * cst + r * est
+                for i in range(nk):
+                    d[i] += X[j, i] * X[j, i]
+            for i in range(nk):
+                nrm = math.sqrt(d[i])
+                if not nrm > 16.0 * eps * max(math.sqrt(ref[i]), 1.0):
+                    nrm = _fallback_column(X, i, c, nrow, cst, est)
+                d[i] = 1.0 / nrm
+            for r in range(nrow):
+                j = c * cst + r * est
+                for i in range(nk):
+                    X[j, i] *= d[i]
+
+    @njit(**_jit)
+    def _fallback_column(X, i, c, nrow, cst, est):
+        """Degenerate column ``c`` of kernel ``i``: the basis vector with most mass outside the
+        span of the previous columns (as ``orthonormalize``); returns its remaining norm."""
+        best, best_n = 0, -1.0
+        for e in range(nrow):
+            tot = 0.0
+            for r in range(nrow):
+                v = 1.0 if r == e else 0.0
+                for c2 in range(c):
+                    v -= X[c2 * cst + e * est, i] * X[c2 * cst + r * est, i]
+                tot += v * v
+            if tot > best_n:
+                best, best_n = e, tot
+        for r in range(nrow):
+            v = 1.0 if r == best else 0.0
+            for c2 in range(c):
+                v -= X[c2 * cst + best * est, i] * X[c2 * cst + r * est, i]
+            X[c * cst + r * est, i] = v
+        return math.sqrt(best_n)
+
+    @njit(**_jit)
+    def _soa_transport(code, X, M, C, nk, ncol, nrow, cst, est):
+        """Project the momentum ``M`` onto the tangent spaces at the new points ``X``."""
+        if code == STIEFEL and ncol > 1:
+            for c1 in range(ncol):
+                for c2 in range(ncol):
+                    row = C[c1 * ncol + c2]
+                    for i in range(nk):
+                        row[i] = 0.0
+                    for r in range(nrow):
+                        j1, j2 = c1 * cst + r * est, c2 * cst + r * est
+                        for i in range(nk):
+                            row[i] += X[j1, i] * M[j2, i]
+            for c1 in range(ncol):
+                for c2 in range(c1 + 1, ncol):
+                    a, b = C[c1 * ncol + c2], C[c2 * ncol + c1]
+                    for i in range(nk):
+                        v = 0.5 * (a[i] + b[i])
+                        a[i] = v
+                        b[i] = v
+            # M <- M - X S, one row of entries at a time (the row's old values are all read
+            # through S, which is fixed, so the update is in place)
+            for r in range(nrow):
+                for c in range(ncol):
+                    j = c * cst + r * est
+                    for c2 in range(ncol):
+                        j2 = c2 * cst + r * est
+                        coef = C[c2 * ncol + c]
+                        for i in range(nk):
+                            M[j, i] -= X[j2, i] * coef[i]
+        else:
+            for c in range(ncol):
+                a = C[0]
+                for i in range(nk):
+                    a[i] = 0.0
+                for r in range(nrow):
+                    j = c * cst + r * est
+                    for i in range(nk):
+                        a[i] += X[j, i] * M[j, i]
+                for r in range(nrow):
+                    j = c * cst + r * est
+                    for i in range(nk):
+                        M[j, i] -= a[i] * X[j, i]
+
+    @njit(cache=True, parallel=True, error_model="numpy")
+    def _step_soa(x, g, m, s, kpr, scaled, pom_ptr, pom_kernels, singleton, pom_type, codes,
+                  blocks, cap, geo, lr, mu, damp, nesterov, sign, wd, adaptive, use_mom, first,
+                  check, eps, tiny, nchunks):
+        n = x.shape[1]
+        nblocks = blocks.shape[0] - 1
+        skipped = np.zeros(nchunks, np.int64)
+        dt = x.dtype
+        for ch in prange(nchunks):
+            X = np.empty((n, cap), dt)
+            G = np.empty((n, cap), dt)
+            R = np.empty((n, cap), dt)
+            M = np.empty((n, cap), dt)
+            ncoef = max(geo[STIEFEL, 0] * geo[STIEFEL, 0], 2)
+            C = np.empty((ncoef, cap), dt)
+            sq = np.empty(cap, np.float64)
+            itau = np.empty(cap, dt)
+            keep = np.empty(cap, np.bool_)
+            kid = np.empty(cap, np.int64)
+            for bi in range(ch * nblocks // nchunks, (ch + 1) * nblocks // nchunks):
+                pa, pb = blocks[bi], blocks[bi + 1]
+                code = codes[pom_type[pa]]
+                ncol, nrow, cst, est = geo[code, 0], geo[code, 1], geo[code, 2], geo[code, 3]
+                q0 = pa if singleton else pom_ptr[pa]
+                q1 = pb if singleton else pom_ptr[pb]
+                nk = q1 - q0
+                sc = scaled and code != EUCLIDEAN
+                # gather: unit coordinates, entry-major
+                for i in range(nk):
+                    k = q0 + i if singleton else pom_kernels[q0 + i]
+                    kid[i] = k
+                    off = (k % kpr) * n
+                    for j in range(n):
+                        xv = x[k, j]
+                        gv = sign * g[k, j]
+                        if sc:
+                            sv = s[off + j]
+                            X[j, i] = xv / sv
+                            G[j, i] = gv * sv
+                        elif code == EUCLIDEAN:
+                            X[j, i] = xv
+                            G[j, i] = gv + wd * xv
+                        else:
+                            X[j, i] = xv
+                            G[j, i] = gv
+                        if use_mom and not first:
+                            M[j, i] = m[k, j]
+                _soa_rgrad(code, X, G, R, C, sq, nk, ncol, nrow, cst, est)
+                # Eq. (7), Ozay 2019, per POM: tau = max(1, R (2 + R)), R = |grad| over the POM
+                for p in range(pa, pb):
+                    lo = (p if singleton else pom_ptr[p]) - q0
+                    hi = (p + 1 if singleton else pom_ptr[p + 1]) - q0
+                    r2 = 0.0
+                    for i in range(lo, hi):
+                        r2 += sq[i]
+                    ok = not check or math.isfinite(r2)
+                    inv_tau = 1.0
+                    if adaptive and ok:
+                        big_r = math.sqrt(r2)
+                        tau = big_r * (2.0 + big_r)
+                        if tau > 1.0:
+                            inv_tau = 1.0 / tau
+                    if not ok:
+                        skipped[ch] += 1
+                    for i in range(lo, hi):
+                        itau[i] = inv_tau
+                        keep[i] = ok
+                # momentum and the step in the tangent space
+                for j in range(n):
+                    for i in range(nk):
+                        r = R[j, i] * itau[i]
+                        if use_mom:
+                            b = r if first else mu * M[j, i] + (1.0 - damp) * r
+                            M[j, i] = b
+                            d = r + mu * b if nesterov else b
+                        else:
+                            d = r
+                        X[j, i] = X[j, i] - lr * d
+                # retraction
+                if code == STIEFEL and ncol > 1:
+                    _soa_gram_schmidt(X, C, nk, ncol, nrow, cst, est, eps)
+                elif code != EUCLIDEAN:
+                    _soa_normalize_columns(X, C, nk, ncol, nrow, cst, est, tiny)
+                if use_mom and code != EUCLIDEAN:
+                    _soa_transport(code, X, M, C, nk, ncol, nrow, cst, est)
+                # scatter
+                for i in range(nk):
+                    k = kid[i]
+                    if not keep[i]:
+                        if use_mom and first:
+                            for j in range(n):
+                                m[k, j] = 0.0
+                        continue
+                    off = (k % kpr) * n
+                    for j in range(n):
+                        x[k, j] = X[j, i] * s[off + j] if sc else X[j, i]
+                        if use_mom:
+                            m[k, j] = M[j, i]
+        return skipped.sum()
+
+    # ------------------------------------------------------------ per-kernel (large) helpers
+    @njit(**_jit_fm)
+    def _aos_rgrad(x, g, s, off, sc, code, ncol, nrow, cst, est, sign, wd, rg):
+        """Riemannian gradient of one large kernel (contiguous entries) into ``rg``; |rg|^2."""
         n = x.shape[0]
-        nrow = n // ncol
-        # unit point xu = x / s, unit gradient gu = sign * g * s (+ wd * x on Euclidean kernels)
         if code == EUCLIDEAN:
             tot = 0.0
             for j in range(n):
@@ -43,131 +336,53 @@ if numba is not None:
                 rg[j] = v
                 tot += v * v
             return tot
-        for j in range(n):
-            if scaled:
-                rg[j] = sign * g[j] * s[s_off + j]
-            else:
-                rg[j] = sign * g[j]
-        if code == SPHERE:
+        # Large kernels are (L, 1) filter columns or tall matrices; per column c the entries
+        # are c * cst + r * est.
+        tot = 0.0
+        if code == STIEFEL and ncol > 1:
+            # rare for large kernels (a user-forced spatial view of a big matrix): scalar code
+            for j in range(n):
+                rg[j] = sign * g[j] * s[off + j] if sc else sign * g[j]
+            coef = np.empty((ncol, ncol))
+            for c1 in range(ncol):
+                for c2 in range(ncol):
+                    a = 0.0
+                    for r in range(nrow):
+                        j1, j2 = c1 * cst + r * est, c2 * cst + r * est
+                        a += (x[j1] / s[off + j1] if sc else x[j1]) * rg[j2]
+                    coef[c1, c2] = a
+            for r in range(nrow):
+                for c in range(ncol):
+                    j = c * cst + r * est
+                    v = rg[j]
+                    for c2 in range(ncol):
+                        j2 = c2 * cst + r * est
+                        xu = x[j2] / s[off + j2] if sc else x[j2]
+                        v -= xu * 0.5 * (coef[c2, c] + coef[c, c2])
+                    rg[j] = v
+            for j in range(n):
+                tot += rg[j] * rg[j]
+            return tot
+        for c in range(ncol):
             a = 0.0
-            for j in range(n):
-                xu = x[j] / s[s_off + j] if scaled else x[j]
-                a += xu * rg[j]
-            tot = 0.0
-            for j in range(n):
-                xu = x[j] / s[s_off + j] if scaled else x[j]
+            for r in range(nrow):
+                j = c * cst + r * est
+                gu = sign * g[j] * s[off + j] if sc else sign * g[j]
+                xu = x[j] / s[off + j] if sc else x[j]
+                rg[j] = gu
+                a += xu * gu
+            for r in range(nrow):
+                j = c * cst + r * est
+                xu = x[j] / s[off + j] if sc else x[j]
                 v = rg[j] - a * xu
                 rg[j] = v
                 tot += v * v
-            return tot
-        if code == OBLIQUE:
-            tot = 0.0
-            for c in range(ncol):
-                a = 0.0
-                for r in range(nrow):
-                    j = c * cst + r * est
-                    xu = x[j] / s[s_off + j] if scaled else x[j]
-                    a += xu * rg[j]
-                for r in range(nrow):
-                    j = c * cst + r * est
-                    xu = x[j] / s[s_off + j] if scaled else x[j]
-                    v = rg[j] - a * xu
-                    rg[j] = v
-                    tot += v * v
-            return tot
-        # Stiefel: rg = gu - xu sym(xu^T gu)
-        for c1 in range(ncol):
-            for c2 in range(ncol):
-                a = 0.0
-                for r in range(nrow):
-                    j1 = c1 * cst + r * est
-                    j2 = c2 * cst + r * est
-                    xu = x[j1] / s[s_off + j1] if scaled else x[j1]
-                    a += xu * rg[j2]
-                coef[c1 * ncol + c2] = a
-        for c1 in range(ncol):
-            for c2 in range(c1 + 1, ncol):
-                m = 0.5 * (coef[c1 * ncol + c2] + coef[c2 * ncol + c1])
-                coef[c1 * ncol + c2] = m
-                coef[c2 * ncol + c1] = m
-        tot = 0.0
-        for r in range(nrow):
-            for c in range(ncol):
-                j = c * cst + r * est
-                v = rg[j]
-                for c2 in range(ncol):
-                    j2 = c2 * cst + r * est
-                    xu = x[j2] / s[s_off + j2] if scaled else x[j2]
-                    v -= xu * coef[c2 * ncol + c]
-                rg[j] = v
-        for j in range(n):
-            tot += rg[j] * rg[j]
         return tot
 
-    @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-    def _normalize(x, off, stride, count, tiny):
-        nrm = 0.0
-        for i in range(count):
-            v = x[off + i * stride]
-            nrm += v * v
-        nrm = math.sqrt(nrm)
-        if nrm > tiny:
-            for i in range(count):
-                x[off + i * stride] = x[off + i * stride] / nrm
-        else:
-            fill = 1.0 / math.sqrt(count)
-            for i in range(count):
-                x[off + i * stride] = fill
-
-    @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-    def _gram_schmidt(x, ncol, cst, est, eps):
-        """CGS2 on the columns of one tall kernel, in place (see ``orthonormalize``)."""
-        nrow = x.shape[0] // ncol
-        for c in range(ncol):
-            ref = 0.0
-            for r in range(nrow):
-                v = x[c * cst + r * est]
-                ref += v * v
-            ref = math.sqrt(ref)
-            for _ in range(2):
-                for c2 in range(c):
-                    d = 0.0
-                    for r in range(nrow):
-                        d += x[c2 * cst + r * est] * x[c * cst + r * est]
-                    for r in range(nrow):
-                        x[c * cst + r * est] -= d * x[c2 * cst + r * est]
-            nrm = 0.0
-            for r in range(nrow):
-                v = x[c * cst + r * est]
-                nrm += v * v
-            nrm = math.sqrt(nrm)
-            if not nrm > 16.0 * eps * max(ref, 1.0):
-                # Degenerate column: the basis vector with most mass outside the span.
-                best, best_n = 0, -1.0
-                for i in range(nrow):
-                    tot = 0.0
-                    for r in range(nrow):
-                        v = 1.0 if r == i else 0.0
-                        for c2 in range(c):
-                            v -= x[c2 * cst + i * est] * x[c2 * cst + r * est]
-                        tot += v * v
-                    if tot > best_n:
-                        best, best_n = i, tot
-                for r in range(nrow):
-                    v = 1.0 if r == best else 0.0
-                    for c2 in range(c):
-                        v -= x[c2 * cst + best * est] * x[c2 * cst + r * est]
-                    x[c * cst + r * est] = v
-                nrm = math.sqrt(best_n)
-            for r in range(nrow):
-                x[c * cst + r * est] /= nrm
-
-    @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-    def _update(x, m, s, s_off, scaled, code, ncol, cst, est, rg, coef, inv_tau, lr, mu,
-                damp, nesterov, use_mom, first, eps, tiny):
+    @njit(**_jit_fm)
+    def _aos_update(x, m, s, off, sc, code, ncol, nrow, cst, est, rg, inv_tau, lr, mu, damp,
+                    nesterov, use_mom, first, eps, tiny):
         n = x.shape[0]
-        nrow = n // ncol
-        scaled = scaled and code != EUCLIDEAN
         for j in range(n):
             r = rg[j] * inv_tau
             if use_mom:
@@ -176,103 +391,129 @@ if numba is not None:
                 d = r + mu * b if nesterov else b
             else:
                 d = r
-            xu = x[j] / s[s_off + j] if scaled else x[j]
+            xu = x[j] / s[off + j] if sc else x[j]
             x[j] = xu - lr * d
-        if code == SPHERE:
-            _normalize(x, 0, 1, n, tiny)
-        elif code == OBLIQUE:
+        if code == STIEFEL and ncol > 1:
+            X = x.reshape((n, 1))
+            C = np.empty((2, 1), x.dtype)
+            _soa_gram_schmidt(X, C, 1, ncol, nrow, cst, est, eps)
+        elif code != EUCLIDEAN:
             for c in range(ncol):
-                _normalize(x, c * cst, est, nrow, tiny)
-        elif code == STIEFEL:
-            _gram_schmidt(x, ncol, cst, est, eps)
-        if use_mom and code != EUCLIDEAN:  # transport: project the buffer at the new point
-            if code == SPHERE:
-                a = 0.0
-                for j in range(n):
-                    a += x[j] * m[j]
-                for j in range(n):
-                    m[j] -= a * x[j]
-            elif code == OBLIQUE:
+                nrm = 0.0
+                for r in range(nrow):
+                    v = x[c * cst + r * est]
+                    nrm += v * v
+                if nrm > tiny * tiny:
+                    inv = 1.0 / math.sqrt(nrm)
+                    for r in range(nrow):
+                        x[c * cst + r * est] *= inv
+                else:
+                    fill = 1.0 / math.sqrt(nrow)
+                    for r in range(nrow):
+                        x[c * cst + r * est] = fill
+        if use_mom and code != EUCLIDEAN:
+            if code == STIEFEL and ncol > 1:
+                X = x.reshape((n, 1))
+                M = m.reshape((n, 1))
+                C = np.empty((ncol * ncol, 1), x.dtype)
+                _soa_transport(code, X, M, C, 1, ncol, nrow, cst, est)
+            else:
                 for c in range(ncol):
                     a = 0.0
                     for r in range(nrow):
-                        a += x[c * cst + r * est] * m[c * cst + r * est]
+                        j = c * cst + r * est
+                        a += x[j] * m[j]
                     for r in range(nrow):
-                        m[c * cst + r * est] -= a * x[c * cst + r * est]
-            else:
-                for c1 in range(ncol):
-                    for c2 in range(ncol):
-                        a = 0.0
-                        for r in range(nrow):
-                            a += x[c1 * cst + r * est] * m[c2 * cst + r * est]
-                        coef[c1 * ncol + c2] = a
-                for c1 in range(ncol):
-                    for c2 in range(c1 + 1, ncol):
-                        v = 0.5 * (coef[c1 * ncol + c2] + coef[c2 * ncol + c1])
-                        coef[c1 * ncol + c2] = v
-                        coef[c2 * ncol + c1] = v
-                for r in range(nrow):
-                    for c in range(ncol):
-                        v = 0.0
-                        for c2 in range(ncol):
-                            v += x[c2 * cst + r * est] * coef[c2 * ncol + c]
-                        rg[c * cst + r * est] = v
-                for j in range(n):
-                    m[j] -= rg[j]
-        if scaled:
+                        j = c * cst + r * est
+                        m[j] -= a * x[j]
+        if sc:
             for j in range(n):
-                x[j] *= s[s_off + j]
+                x[j] *= s[off + j]
 
     @njit(cache=True, parallel=True, error_model="numpy")
-    def _step(x, g, m, s, kpr, scaled, pom_ptr, pom_kernels, singleton, pom_type, codes, ncol,
-              cst, est, lr, mu, damp, nesterov, maximize, wd, adaptive, use_mom, first, check,
-              eps, tiny, nchunks):
+    def _step_aos(x, g, m, s, kpr, scaled, pom_ptr, pom_kernels, singleton, pom_type, codes, geo,
+                  lr, mu, damp, nesterov, sign, wd, adaptive, use_mom, first, check, eps, tiny,
+                  nchunks):
         num_poms = pom_type.shape[0]
         n = x.shape[1]
-        sign = -1.0 if maximize else 1.0
         skipped = np.zeros(nchunks, np.int64)
         for ch in prange(nchunks):
-            p0 = ch * num_poms // nchunks
-            p1 = (ch + 1) * num_poms // nchunks
             rg = np.empty(n, np.float64)
-            coef = np.empty(ncol * ncol, np.float64)
-            for p in range(p0, p1):
+            for p in range(ch * num_poms // nchunks, (ch + 1) * num_poms // nchunks):
                 code = codes[pom_type[p]]
+                ncol, nrow, cst, est = geo[code, 0], geo[code, 1], geo[code, 2], geo[code, 3]
                 q0 = p if singleton else pom_ptr[p]
                 q1 = p + 1 if singleton else pom_ptr[p + 1]
+                sc = scaled and code != EUCLIDEAN
                 inv_tau = 1.0
                 have_rg = False
                 if adaptive or check:
                     r2 = 0.0
                     for q in range(q0, q1):
                         k = q if singleton else pom_kernels[q]
-                        sc = scaled and code != EUCLIDEAN
-                        r2 += _rgrad(x[k], g[k], s, (k % kpr) * n, sc, code, ncol, cst, est,
-                                     sign, wd, rg, coef)
+                        r2 += _aos_rgrad(x[k], g[k], s, (k % kpr) * n, sc, code, ncol, nrow, cst,
+                                         est, sign, wd, rg)
                     if check and not math.isfinite(r2):
                         skipped[ch] += 1
+                        if use_mom and first:
+                            for q in range(q0, q1):
+                                k = q if singleton else pom_kernels[q]
+                                m[k, :] = 0.0
                         continue
                     if adaptive:
-                        # Eq. (7), Ozay 2019: tau = max(1, R (2 + R)), R = |grad| over the POM
-                        big_r = math.sqrt(r2)
+                        big_r = math.sqrt(r2)  # Eq. (7)
                         tau = big_r * (2.0 + big_r)
                         if tau > 1.0:
                             inv_tau = 1.0 / tau
                     have_rg = q1 - q0 == 1
                 for q in range(q0, q1):
                     k = q if singleton else pom_kernels[q]
-                    sc = scaled and code != EUCLIDEAN
                     if not have_rg:
-                        _rgrad(x[k], g[k], s, (k % kpr) * n, sc, code, ncol, cst, est, sign, wd,
-                               rg, coef)
-                    _update(x[k], m[k], s, (k % kpr) * n, sc, code, ncol, cst, est, rg, coef,
-                            inv_tau, lr, mu, damp, nesterov, use_mom, first, eps, tiny)
+                        _aos_rgrad(x[k], g[k], s, (k % kpr) * n, sc, code, ncol, nrow, cst, est,
+                                   sign, wd, rg)
+                    _aos_update(x[k], m[k], s, (k % kpr) * n, sc, code, ncol, nrow, cst, est, rg,
+                                inv_tau, lr, mu, damp, nesterov, use_mom, first, eps, tiny)
         return skipped.sum()
 
 
-_DUMMY_I64 = np.zeros(1, np.int64)
 _DUMMY_I32 = np.zeros(1, np.int32)
 _DUMMY_F64 = np.ones(1, np.float64)
+
+
+def _plan(coll) -> dict:
+    """Per-collection constants of the fused step, computed once and cached on the collection."""
+    a, b = coll.kernel_shape
+    n = a * b
+    # Column c, row r of the tall kernel sits at entry c * cst + r * est of the stored kernel.
+    ncol, nrow, cst, est = (a, b, b, 1) if a < b else (b, a, 1, b)
+    geo = np.empty((4, 4), np.int64)
+    geo[OBLIQUE] = (ncol, nrow, cst, est)
+    geo[STIEFEL] = (ncol, nrow, cst, est)
+    geo[SPHERE] = (1, n, 0, 1)  # the whole kernel is one column
+    geo[EUCLIDEAN] = (1, n, 0, 1)
+    pom_type = coll.pom_type.numpy()
+    codes = np.array([type(m).__dict__["fused_code"] for m in coll.manifolds], np.int64)
+    plan = {
+        "codes": codes,
+        "geo": geo,
+        "pom_type": pom_type,
+        "pom_ptr": _DUMMY_I32 if coll.pom_ptr is None else coll.pom_ptr.numpy(),
+        "pom_kernels": _DUMMY_I32 if coll.pom_kernels is None else coll.pom_kernels.numpy(),
+        "soa": n <= SOA_MAX_NUMEL,
+    }
+    if plan["soa"]:
+        sizes = coll.pom_sizes.numpy()
+        # Blocks: consecutive POMs of one type, cut where the running kernel count crosses a
+        # multiple of BLOCK_KERNELS (so a block holds < BLOCK_KERNELS + largest POM kernels).
+        start = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        cut = np.ones(len(sizes), bool)
+        cut[1:] = (start[1:] // BLOCK_KERNELS != start[:-1] // BLOCK_KERNELS) | (
+            pom_type[1:] != pom_type[:-1]
+        )
+        blocks = np.flatnonzero(cut)
+        plan["blocks"] = np.concatenate((blocks, [len(sizes)])).astype(np.int64)
+        plan["cap"] = int(BLOCK_KERNELS + sizes.max())
+    return plan
 
 
 def fused_collection_step(
@@ -295,32 +536,29 @@ def fused_collection_step(
 
     ``m2d`` is the momentum buffer in unit coordinates, or ``None`` without momentum.
     """
-    cache = coll._cache.get("fused")
-    if cache is None:
-        a, b = coll.kernel_shape
-        # Column c, row r of the tall kernel sits at c * cst + r * est of the stored kernel.
-        cst, est, ncol = (b, 1, a) if a < b else (1, b, b)
-        cache = {
-            "codes": np.array([m.fused_code for m in coll.manifolds], np.int64),
-            "geometry": (ncol, cst, est),
-            "pom_type": coll.pom_type.numpy(),
-            "pom_ptr": _DUMMY_I64 if coll.pom_ptr is None else coll.pom_ptr.numpy(),
-            "pom_kernels": _DUMMY_I32 if coll.pom_kernels is None else coll.pom_kernels.numpy(),
-            "nchunks": max(1, min(coll.num_poms, 64 * numba.get_num_threads())),
-        }
-        coll._cache["fused"] = cache
+    plan = coll._cache.get("fused")
+    if plan is None:
+        plan = coll._cache["fused"] = _plan(coll)
     scale = coll.scale
     s = _DUMMY_F64 if scale is None else coll.elem_scale("cpu", scale.dtype).reshape(-1).numpy()
     finfo = np.finfo(x2d.dtype)
-    use_momentum = m2d is not None
-    ncol, cst, est = cache["geometry"]
-    skipped = _step(
-        x2d, g2d, m2d if use_momentum else x2d, s, coll.kernels_per_row, scale is not None,
-        cache["pom_ptr"], cache["pom_kernels"], coll.pom_ptr is None, cache["pom_type"],
-        cache["codes"], ncol, cst, est, float(lr), float(momentum), float(dampening),
-        bool(nesterov), bool(maximize), float(weight_decay), bool(adaptive), use_momentum,
-        bool(first), bool(check), float(finfo.eps), float(finfo.tiny), cache["nchunks"],
+    use_mom = m2d is not None
+    common = (
+        x2d, g2d, m2d if use_mom else x2d, s, coll.kernels_per_row, scale is not None,
+        plan["pom_ptr"], plan["pom_kernels"], coll.pom_ptr is None, plan["pom_type"],
+        plan["codes"],
     )
+    hyper = (
+        float(lr), float(momentum), float(dampening), bool(nesterov),
+        -1.0 if maximize else 1.0, float(weight_decay), bool(adaptive), use_mom, bool(first),
+        bool(check), float(finfo.eps), float(finfo.tiny),
+    )
+    if plan["soa"]:
+        nchunks = max(1, min(len(plan["blocks"]) - 1, 4 * numba.get_num_threads()))
+        skipped = _step_soa(*common, plan["blocks"], plan["cap"], plan["geo"], *hyper, nchunks)
+    else:
+        nchunks = max(1, min(coll.num_poms, 4 * numba.get_num_threads()))
+        skipped = _step_aos(*common, plan["geo"], *hyper, nchunks)
     return int(skipped)
 
 
