@@ -38,7 +38,9 @@ def _parts_by_rank(keys: torch.Tensor, parts: int) -> torch.Tensor:
     replacement.
     """
     n = keys.shape[-1]
-    rank = keys.argsort(dim=-1).argsort(dim=-1)
+    order = keys.argsort(dim=-1)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(n).expand_as(order))  # inverse permutation
     return rank * parts // n
 
 
@@ -96,8 +98,9 @@ def group_kernels(
         part = _parts_by_rank(torch.rand(rows, cols, generator=generator), parts)  # (D, C)
         kernel_pom = (torch.arange(rows).unsqueeze(1) * parts + part).reshape(-1)
     else:
-        kernel_pom = _pio(rows, cols, num_types, generator, po_fraction, po_parts, pi_parts,
-                          po_channels)
+        kernel_pom = _pio(
+            rows, cols, num_types, generator, po_fraction, po_parts, pi_parts, po_channels
+        )
     num_poms = int(kernel_pom.max()) + 1
     shares = torch.arange(num_poms) % num_types
     pom_type = shares[torch.randperm(num_poms, generator=generator)]

@@ -116,8 +116,7 @@ def build_collection(
     shape = tuple(int(s) for s in shape)
     if len(shape) not in (2, 4) or min(shape) < 1:
         raise ValueError(
-            f"expected a (c_out, c_in, k_h, k_w) conv or (out, in) linear weight shape, "
-            f"got {shape}"
+            f"expected a (c_out, c_in, k_h, k_w) conv or (out, in) linear weight shape, got {shape}"
         )
     unknown = set(sizes) - set(_SIZE_KEYS)
     if unknown:
@@ -129,11 +128,8 @@ def build_collection(
     if generator is None:
         generator = torch.Generator().manual_seed(int(seed))
     rows, cols = shape[0], (shape[1] if view == "spatial" else 1)
-    if view == "filter" and strategy == "po":
-        # One kernel per output channel: PO has nothing to split.
-        strategy_used = "single"
-    else:
-        strategy_used = strategy
+    # In the filter view every output channel has one kernel: PO has nothing to split.
+    strategy_used = "single" if view == "filter" and strategy == "po" else strategy
     grouping = group_kernels(rows, cols, strategy_used, len(names), generator, **sizes)
     return KernelCollection(
         shape, view, names, grouping, strategy=strategy, seed=seed, kernel=kernel, sizes=sizes
@@ -239,9 +235,11 @@ class KernelCollection(geoopt.Manifold):
         """``(K,)`` POM id of every kernel (int64, computed on demand)."""
         if self.pom_kernels is None:
             return torch.arange(self.num_kernels)
-        sizes = (self.pom_ptr[1:] - self.pom_ptr[:-1]).long()
+        # POM id of every CSR position: a step at each POM start, cumulated.
+        steps = torch.zeros(self.num_kernels, dtype=torch.int64)
+        steps[self.pom_ptr[1:-1].long()] = 1
         out = torch.empty(self.num_kernels, dtype=torch.int64)
-        out[self.pom_kernels.long()] = torch.repeat_interleave(torch.arange(self.num_poms), sizes)
+        out[self.pom_kernels.long()] = steps.cumsum(0)
         return out
 
     @property
@@ -265,8 +263,12 @@ class KernelCollection(geoopt.Manifold):
                 idx = torch.nonzero(ktype == t).squeeze(1)
                 if idx.numel():
                     per_type.append(
-                        (t, idx.to(device), kernel_pom[idx].to(device),
-                         (idx % self.kernels_per_row).to(device))
+                        (
+                            t,
+                            idx.to(device),
+                            kernel_pom[idx].to(device),
+                            (idx % self.kernels_per_row).to(device),
+                        )
                     )
             self._cache[key] = {"per_type": per_type}
         return self._cache[key]
@@ -440,17 +442,15 @@ class KernelCollection(geoopt.Manifold):
         A segment sum of the per-kernel squared norms over POM ids (one ``index_add_`` per
         manifold type): what Eq. (7) needs for the POM step sizes.
         """
-        kx, ku = self._kernels(x), self._kernels(u)
-        out = torch.zeros(self.num_poms, dtype=torch.float64 if x.dtype == torch.float64
-                          else torch.float32, device=x.device)
-        a, b = self.kernel_shape
+        ku = self._kernels(u)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out = torch.zeros(self.num_poms, dtype=acc, device=x.device)
         escale = self.elem_scale(x.device, x.dtype)
         for t, idx, pom, row_pos in self._indices(x.device)["per_type"]:
             part = ku.index_select(0, idx)
             if escale is not None and self.manifold_names[t] != "euclidean":
                 part = part / escale.index_select(0, row_pos)
             out.index_add_(0, pom, part.to(out.dtype).pow(2).sum(-1))
-        del kx
         return out
 
     def _check_point_on_manifold(self, x, *, atol=None, rtol=None):
@@ -499,8 +499,11 @@ class KernelCollection(geoopt.Manifold):
         return True, None
 
     def random(self, *size, dtype=None, device=None, generator=None, **kwargs) -> torch.Tensor:
-        if size and tuple(size[0] if len(size) == 1 and not isinstance(size[0], int) else size) \
-                != self.shape:
+        if (
+            size
+            and tuple(size[0] if len(size) == 1 and not isinstance(size[0], int) else size)
+            != self.shape
+        ):
             raise ValueError(f"a KernelCollection point has shape {self.shape}")
         x = torch.randn(self.shape, dtype=dtype, device=device, generator=generator)
         return self.projx(x)
@@ -518,8 +521,9 @@ class KernelCollection(geoopt.Manifold):
             "kernel": self.kernel,
             "strategy": self.strategy,
             "seed": int(self.seed),
-            "sizes": {k: (list(v) if isinstance(v, (tuple, list)) else v)
-                      for k, v in self.sizes.items()},
+            "sizes": {
+                k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in self.sizes.items()
+            },
             "manifolds": list(self.manifold_names),
             "kernel_pom": self.kernel_pom.to(torch.int32),
             "pom_type": self.pom_type.clone(),
@@ -572,14 +576,16 @@ class KernelCollection(geoopt.Manifold):
         ptype = self.pom_type.long()
         for t, name in enumerate(self.manifold_names):
             sel = sizes[ptype == t]
-            rows.append({
-                "manifold": name,
-                "poms": int(sel.numel()),
-                "kernels": int(sel.sum()),
-                "pom_size_min": int(sel.min()) if sel.numel() else 0,
-                "pom_size_max": int(sel.max()) if sel.numel() else 0,
-                "pom_size_mean": float(sel.double().mean()) if sel.numel() else 0.0,
-            })
+            rows.append(
+                {
+                    "manifold": name,
+                    "poms": int(sel.numel()),
+                    "kernels": int(sel.sum()),
+                    "pom_size_min": int(sel.min()) if sel.numel() else 0,
+                    "pom_size_max": int(sel.max()) if sel.numel() else 0,
+                    "pom_size_mean": float(sel.double().mean()) if sel.numel() else 0.0,
+                }
+            )
         return rows
 
     def extra_repr(self) -> str:
@@ -606,4 +612,3 @@ class KernelCollection(geoopt.Manifold):
 def layer_seed(seed: int, name: str) -> int:
     """Seed of one layer's grouping: stable across processes (no Python ``hash``)."""
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
-

@@ -53,7 +53,8 @@ class Oblique(KernelManifoldMixin, geoopt.Manifold):
     egrad2rgrad = proju
 
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return self.projx(x + u)
+        dtype, (x, u) = self._upcast(x, u)  # add in float32 for 16-bit inputs
+        return self.projx(x + u).to(dtype)
 
     def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         # Exact geodesic of the product of spheres, one great circle per column.

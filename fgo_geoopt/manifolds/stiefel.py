@@ -99,7 +99,8 @@ class KernelStiefel(KernelManifoldMixin, geoopt.EuclideanStiefel):
     egrad2rgrad = proju
 
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return self.projx(x + u)
+        dtype, (x, u) = self._upcast(x, u)  # add in float32 for 16-bit inputs
+        return self.projx(x + u).to(dtype)
 
     expmap = retr
 

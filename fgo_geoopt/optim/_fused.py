@@ -225,9 +225,35 @@ if numba is not None:
                         M[j, i] -= a[i] * X[j, i]
 
     @njit(cache=True, parallel=True, error_model="numpy")
-    def _step_soa(x, g, m, s, kpr, scaled, pom_ptr, pom_kernels, singleton, pom_type, codes,
-                  blocks, cap, geo, lr, mu, damp, nesterov, sign, wd, adaptive, use_mom, first,
-                  check, eps, tiny, nchunks):
+    def _step_soa(
+        x,
+        g,
+        m,
+        s,
+        kpr,
+        scaled,
+        pom_ptr,
+        pom_kernels,
+        singleton,
+        pom_type,
+        codes,
+        blocks,
+        cap,
+        geo,
+        lr,
+        mu,
+        damp,
+        nesterov,
+        sign,
+        wd,
+        adaptive,
+        use_mom,
+        first,
+        check,
+        eps,
+        tiny,
+        nchunks,
+    ):
         n = x.shape[1]
         nblocks = blocks.shape[0] - 1
         skipped = np.zeros(nchunks, np.int64)
@@ -380,8 +406,28 @@ if numba is not None:
         return tot
 
     @njit(**_jit_fm)
-    def _aos_update(x, m, s, off, sc, code, ncol, nrow, cst, est, rg, inv_tau, lr, mu, damp,
-                    nesterov, use_mom, first, eps, tiny):
+    def _aos_update(
+        x,
+        m,
+        s,
+        off,
+        sc,
+        code,
+        ncol,
+        nrow,
+        cst,
+        est,
+        rg,
+        inv_tau,
+        lr,
+        mu,
+        damp,
+        nesterov,
+        use_mom,
+        first,
+        eps,
+        tiny,
+    ):
         n = x.shape[0]
         for j in range(n):
             r = rg[j] * inv_tau
@@ -431,9 +477,33 @@ if numba is not None:
                 x[j] *= s[off + j]
 
     @njit(cache=True, parallel=True, error_model="numpy")
-    def _step_aos(x, g, m, s, kpr, scaled, pom_ptr, pom_kernels, singleton, pom_type, codes, geo,
-                  lr, mu, damp, nesterov, sign, wd, adaptive, use_mom, first, check, eps, tiny,
-                  nchunks):
+    def _step_aos(
+        x,
+        g,
+        m,
+        s,
+        kpr,
+        scaled,
+        pom_ptr,
+        pom_kernels,
+        singleton,
+        pom_type,
+        codes,
+        geo,
+        lr,
+        mu,
+        damp,
+        nesterov,
+        sign,
+        wd,
+        adaptive,
+        use_mom,
+        first,
+        check,
+        eps,
+        tiny,
+        nchunks,
+    ):
         num_poms = pom_type.shape[0]
         n = x.shape[1]
         skipped = np.zeros(nchunks, np.int64)
@@ -451,8 +521,21 @@ if numba is not None:
                     r2 = 0.0
                     for q in range(q0, q1):
                         k = q if singleton else pom_kernels[q]
-                        r2 += _aos_rgrad(x[k], g[k], s, (k % kpr) * n, sc, code, ncol, nrow, cst,
-                                         est, sign, wd, rg)
+                        r2 += _aos_rgrad(
+                            x[k],
+                            g[k],
+                            s,
+                            (k % kpr) * n,
+                            sc,
+                            code,
+                            ncol,
+                            nrow,
+                            cst,
+                            est,
+                            sign,
+                            wd,
+                            rg,
+                        )
                     if check and not math.isfinite(r2):
                         skipped[ch] += 1
                         if use_mom and first:
@@ -469,10 +552,43 @@ if numba is not None:
                 for q in range(q0, q1):
                     k = q if singleton else pom_kernels[q]
                     if not have_rg:
-                        _aos_rgrad(x[k], g[k], s, (k % kpr) * n, sc, code, ncol, nrow, cst, est,
-                                   sign, wd, rg)
-                    _aos_update(x[k], m[k], s, (k % kpr) * n, sc, code, ncol, nrow, cst, est, rg,
-                                inv_tau, lr, mu, damp, nesterov, use_mom, first, eps, tiny)
+                        _aos_rgrad(
+                            x[k],
+                            g[k],
+                            s,
+                            (k % kpr) * n,
+                            sc,
+                            code,
+                            ncol,
+                            nrow,
+                            cst,
+                            est,
+                            sign,
+                            wd,
+                            rg,
+                        )
+                    _aos_update(
+                        x[k],
+                        m[k],
+                        s,
+                        (k % kpr) * n,
+                        sc,
+                        code,
+                        ncol,
+                        nrow,
+                        cst,
+                        est,
+                        rg,
+                        inv_tau,
+                        lr,
+                        mu,
+                        damp,
+                        nesterov,
+                        use_mom,
+                        first,
+                        eps,
+                        tiny,
+                    )
         return skipped.sum()
 
 
@@ -544,14 +660,31 @@ def fused_collection_step(
     finfo = np.finfo(x2d.dtype)
     use_mom = m2d is not None
     common = (
-        x2d, g2d, m2d if use_mom else x2d, s, coll.kernels_per_row, scale is not None,
-        plan["pom_ptr"], plan["pom_kernels"], coll.pom_ptr is None, plan["pom_type"],
+        x2d,
+        g2d,
+        m2d if use_mom else x2d,
+        s,
+        coll.kernels_per_row,
+        scale is not None,
+        plan["pom_ptr"],
+        plan["pom_kernels"],
+        coll.pom_ptr is None,
+        plan["pom_type"],
         plan["codes"],
     )
     hyper = (
-        float(lr), float(momentum), float(dampening), bool(nesterov),
-        -1.0 if maximize else 1.0, float(weight_decay), bool(adaptive), use_mom, bool(first),
-        bool(check), float(finfo.eps), float(finfo.tiny),
+        float(lr),
+        float(momentum),
+        float(dampening),
+        bool(nesterov),
+        -1.0 if maximize else 1.0,
+        float(weight_decay),
+        bool(adaptive),
+        use_mom,
+        bool(first),
+        bool(check),
+        float(finfo.eps),
+        float(finfo.tiny),
     )
     if plan["soa"]:
         nchunks = max(1, min(len(plan["blocks"]) - 1, 4 * numba.get_num_threads()))
@@ -565,6 +698,4 @@ def fused_collection_step(
 def fused_supported(coll) -> bool:
     """True when every manifold of the collection has a fused implementation."""
     # A subclass that overrides the maths without declaring its own code must not be fused.
-    return AVAILABLE and all(
-        type(m).__dict__.get("fused_code") is not None for m in coll.manifolds
-    )
+    return AVAILABLE and all(type(m).__dict__.get("fused_code") is not None for m in coll.manifolds)

@@ -28,8 +28,9 @@ _FG_DEFAULTS = {
 }
 
 
-def _check_number(name: str, value: Any, *, low: float = 0.0, high: float | None = None,
-                  high_open: bool = False) -> None:
+def _check_number(
+    name: str, value: Any, *, low: float = 0.0, high: float | None = None, high_open: bool = False
+) -> None:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor")
@@ -60,8 +61,9 @@ def _validate(group: dict[str, Any]) -> None:
     if group["backend"] not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {group['backend']!r}")
     stabilize = group.get("stabilize")
-    if stabilize is not None and (isinstance(stabilize, bool) or not isinstance(stabilize, int)
-                                  or stabilize < 1):
+    if stabilize is not None and (
+        isinstance(stabilize, bool) or not isinstance(stabilize, int) or stabilize < 1
+    ):
         raise ValueError(f"stabilize must be None or a positive int, got {stabilize!r}")
 
 
@@ -200,6 +202,11 @@ class FGSGD(RiemannianSGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # nonfinite="raise" promises that nothing is updated: check every group before any
+        # group (or its step counter) changes.
+        for group in self.param_groups:
+            if group["nonfinite"] == "raise":
+                _raise_if_nonfinite([p for p in group["params"] if p.grad is not None])
         for group in self.param_groups:
             group["step"] = group.get("step", 0) + 1
             skipped = fgsgd(
@@ -238,6 +245,15 @@ class FGSGD(RiemannianSGD):
                 buf.copy_(manifold.proju(p, buf))
 
 
+def _raise_if_nonfinite(params: list[torch.Tensor]) -> None:
+    bad = [i for i, p in enumerate(params) if not bool(torch.isfinite(p.grad).all())]
+    if bad:
+        raise FloatingPointError(
+            f"non-finite gradient in {len(bad)} parameter(s) (positions {bad} of the group "
+            f"with gradients); nothing was updated"
+        )
+
+
 def _split(params: list[torch.Tensor]):
     plain, colls, other = [], [], []
     for p in params:
@@ -270,25 +286,30 @@ def fgsgd(
     plain, colls, other = _split(params)
     check = nonfinite == "skip"
     if nonfinite == "raise":
-        bad = [i for i, p in enumerate(params) if not bool(torch.isfinite(p.grad).all())]
-        if bad:
-            raise FloatingPointError(
-                f"non-finite gradient in {len(bad)} parameter(s) (positions {bad} of the group "
-                f"with gradients); nothing was updated"
-            )
+        _raise_if_nonfinite(params)
     skipped: int | torch.Tensor = 0
     if plain:
-        skipped = skipped + _plain_step(plain, state, lr, momentum, dampening, weight_decay,
-                                        nesterov, maximize, check)
+        skipped = skipped + _plain_step(
+            plain, state, lr, momentum, dampening, weight_decay, nesterov, maximize, check
+        )
     for p in colls:
         skipped = skipped + _collection_step(
-            p, state, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
-            maximize=maximize, weight_decay=weight_decay, adaptive=adaptive_step, check=check,
+            p,
+            state,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            maximize=maximize,
+            weight_decay=weight_decay,
+            adaptive=adaptive_step,
+            check=check,
             backend=backend,
         )
     for p in other:
-        skipped = skipped + _generic_step(p, state, lr, momentum, dampening, nesterov, maximize,
-                                          adaptive_step, check)
+        skipped = skipped + _generic_step(
+            p, state, lr, momentum, dampening, nesterov, maximize, adaptive_step, check
+        )
     if isinstance(skipped, torch.Tensor):
         skipped = int(skipped)
     return skipped
@@ -326,8 +347,9 @@ def _plain_step(params, state, lr, momentum, dampening, weight_decay, nesterov, 
     return skipped
 
 
-def _collection_step(p, state, *, lr, momentum, dampening, nesterov, maximize, weight_decay,
-                     adaptive, check, backend):
+def _collection_step(
+    p, state, *, lr, momentum, dampening, nesterov, maximize, weight_decay, adaptive, check, backend
+):
     coll: KernelCollection = p.manifold
     st = state[p]
     first = "momentum_buffer" not in st
@@ -357,17 +379,33 @@ def _collection_step(p, state, *, lr, momentum, dampening, nesterov, maximize, w
             x.detach().view(k, n).numpy(),
             g.detach().view(k, n).numpy(),
             None if buf is None else buf.numpy(),
-            lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
-            maximize=maximize, weight_decay=weight_decay, adaptive=adaptive, first=first,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            maximize=maximize,
+            weight_decay=weight_decay,
+            adaptive=adaptive,
+            first=first,
             check=check,
         )
         if not contiguous:
             p.copy_(x)
     else:
         skipped = batched_collection_step(
-            coll, p, p.grad, buf, lr=lr, momentum=momentum, dampening=dampening,
-            nesterov=nesterov, maximize=maximize, weight_decay=weight_decay, adaptive=adaptive,
-            first=first, check=check,
+            coll,
+            p,
+            p.grad,
+            buf,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            maximize=maximize,
+            weight_decay=weight_decay,
+            adaptive=adaptive,
+            first=first,
+            check=check,
         )
     return skipped
 
