@@ -31,7 +31,6 @@ class KernelEuclidean(KernelManifoldMixin, geoopt.Euclidean):
     def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return u
 
-
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return x + u
 

@@ -50,7 +50,6 @@ class Oblique(KernelManifoldMixin, geoopt.Manifold):
         xt, ut = tall(x), tall(u)
         return untall(ut - (xt * ut).sum(dim=-2, keepdim=True) * xt, x).to(dtype)
 
-
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         dtype, (x, u) = self._upcast(x, u)  # add in float32 for 16-bit inputs
         return self.projx(x + u).to(dtype)

@@ -61,7 +61,6 @@ class KernelSphere(KernelManifoldMixin, geoopt.Sphere):
         dtype, (x, u) = self._upcast(x, u)
         return (u - (x * u).sum(dim=(-2, -1), keepdim=True) * x).to(dtype)
 
-
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         dtype, (x, u) = self._upcast(x, u)  # add in float32 for 16-bit inputs
         return self.projx(x + u).to(dtype)

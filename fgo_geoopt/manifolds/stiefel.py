@@ -96,7 +96,6 @@ class KernelStiefel(KernelManifoldMixin, geoopt.EuclideanStiefel):
         xt, ut = tall(x), tall(u)
         return untall(ut - xt @ _sym(xt.transpose(-1, -2) @ ut), x).to(dtype)
 
-
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         dtype, (x, u) = self._upcast(x, u)  # add in float32 for 16-bit inputs
         return self.projx(x + u).to(dtype)
