@@ -315,12 +315,25 @@ def fgsgd(
     return skipped
 
 
+def _finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
+    """Whether each tensor is all-finite: one fused norm per (device, dtype) group, one sync."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    flags = [True] * len(tensors)
+    for members in groups.values():
+        norms = torch._foreach_norm([tensors[i] for i in members])
+        ok = torch.stack(norms).isfinite().tolist()
+        for i, good in zip(members, ok, strict=True):
+            flags[i] = good
+    return flags
+
+
 def _plain_step(params, state, lr, momentum, dampening, weight_decay, nesterov, maximize, check):
     grads = [p.grad for p in params]
     skipped = 0
     if check:
-        norms = torch._foreach_norm(grads)
-        finite = torch.stack([n.to(torch.float32) for n in norms]).isfinite().tolist()
+        finite = _finite_flags(grads)
         if not all(finite):
             skipped = finite.count(False)
             params = [p for p, ok in zip(params, finite, strict=True) if ok]
