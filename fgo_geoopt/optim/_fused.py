@@ -36,6 +36,8 @@ SPHERE, OBLIQUE, STIEFEL, EUCLIDEAN = 0, 1, 2, 3
 SOA_MAX_NUMEL = 64
 #: Target number of kernels in one block of the structure-of-arrays path.
 BLOCK_KERNELS = 256
+#: Layers with fewer entries are stepped on one thread.
+PARALLEL_MIN_NUMEL = 1 << 15
 
 if numba is not None:
     _jit = {"cache": True, "nogil": True, "error_model": "numpy"}
@@ -224,8 +226,9 @@ if numba is not None:
                     for i in range(nk):
                         M[j, i] -= a[i] * X[j, i]
 
-    @njit(cache=True, parallel=True, error_model="numpy")
-    def _step_soa(
+    @njit(**_jit)
+    def _soa_chunk(
+        ch,
         x,
         g,
         m,
@@ -256,99 +259,223 @@ if numba is not None:
     ):
         n = x.shape[1]
         nblocks = blocks.shape[0] - 1
-        skipped = np.zeros(nchunks, np.int64)
         dt = x.dtype
-        for ch in prange(nchunks):
-            X = np.empty((n, cap), dt)
-            G = np.empty((n, cap), dt)
-            R = np.empty((n, cap), dt)
-            M = np.empty((n, cap), dt)
-            ncoef = max(geo[STIEFEL, 0] * geo[STIEFEL, 0], 2)
-            C = np.empty((ncoef, cap), dt)
-            sq = np.empty(cap, np.float64)
-            itau = np.empty(cap, dt)
-            keep = np.empty(cap, np.bool_)
-            kid = np.empty(cap, np.int64)
-            for bi in range(ch * nblocks // nchunks, (ch + 1) * nblocks // nchunks):
-                pa, pb = blocks[bi], blocks[bi + 1]
-                code = codes[pom_type[pa]]
-                ncol, nrow, cst, est = geo[code, 0], geo[code, 1], geo[code, 2], geo[code, 3]
-                q0 = pa if singleton else pom_ptr[pa]
-                q1 = pb if singleton else pom_ptr[pb]
-                nk = q1 - q0
-                sc = scaled and code != EUCLIDEAN
-                # gather: unit coordinates, entry-major
-                for i in range(nk):
-                    k = q0 + i if singleton else pom_kernels[q0 + i]
-                    kid[i] = k
-                    off = (k % kpr) * n
-                    for j in range(n):
-                        xv = x[k, j]
-                        gv = sign * g[k, j]
-                        if sc:
-                            sv = s[off + j]
-                            X[j, i] = xv / sv
-                            G[j, i] = gv * sv
-                        elif code == EUCLIDEAN:
-                            X[j, i] = xv
-                            G[j, i] = gv + wd * xv
-                        else:
-                            X[j, i] = xv
-                            G[j, i] = gv
-                        if use_mom and not first:
-                            M[j, i] = m[k, j]
-                _soa_rgrad(code, X, G, R, C, sq, nk, ncol, nrow, cst, est)
-                # Eq. (7), Ozay 2019, per POM: tau = max(1, R (2 + R)), R = |grad| over the POM
-                for p in range(pa, pb):
-                    lo = (p if singleton else pom_ptr[p]) - q0
-                    hi = (p + 1 if singleton else pom_ptr[p + 1]) - q0
-                    r2 = 0.0
-                    for i in range(lo, hi):
-                        r2 += sq[i]
-                    ok = not check or math.isfinite(r2)
-                    inv_tau = 1.0
-                    if adaptive and ok:
-                        big_r = math.sqrt(r2)
-                        tau = big_r * (2.0 + big_r)
-                        if tau > 1.0:
-                            inv_tau = 1.0 / tau
-                    if not ok:
-                        skipped[ch] += 1
-                    for i in range(lo, hi):
-                        itau[i] = inv_tau
-                        keep[i] = ok
-                # momentum and the step in the tangent space
+        skipped = 0
+        X = np.empty((n, cap), dt)
+        G = np.empty((n, cap), dt)
+        R = np.empty((n, cap), dt)
+        M = np.empty((n, cap), dt)
+        ncoef = max(geo[STIEFEL, 0] * geo[STIEFEL, 0], 2)
+        C = np.empty((ncoef, cap), dt)
+        sq = np.empty(cap, np.float64)
+        itau = np.empty(cap, dt)
+        keep = np.empty(cap, np.bool_)
+        kid = np.empty(cap, np.int64)
+        for bi in range(ch * nblocks // nchunks, (ch + 1) * nblocks // nchunks):
+            pa, pb = blocks[bi], blocks[bi + 1]
+            code = codes[pom_type[pa]]
+            ncol, nrow, cst, est = geo[code, 0], geo[code, 1], geo[code, 2], geo[code, 3]
+            q0 = pa if singleton else pom_ptr[pa]
+            q1 = pb if singleton else pom_ptr[pb]
+            nk = q1 - q0
+            sc = scaled and code != EUCLIDEAN
+            # gather: unit coordinates, entry-major
+            for i in range(nk):
+                k = q0 + i if singleton else pom_kernels[q0 + i]
+                kid[i] = k
+                off = (k % kpr) * n
                 for j in range(n):
-                    for i in range(nk):
-                        r = R[j, i] * itau[i]
-                        if use_mom:
-                            b = r if first else mu * M[j, i] + (1.0 - damp) * r
-                            M[j, i] = b
-                            d = r + mu * b if nesterov else b
-                        else:
-                            d = r
-                        X[j, i] = X[j, i] - lr * d
-                # retraction
-                if code == STIEFEL and ncol > 1:
-                    _soa_gram_schmidt(X, C, nk, ncol, nrow, cst, est, eps)
-                elif code != EUCLIDEAN:
-                    _soa_normalize_columns(X, C, nk, ncol, nrow, cst, est, tiny)
-                if use_mom and code != EUCLIDEAN:
-                    _soa_transport(code, X, M, C, nk, ncol, nrow, cst, est)
-                # scatter
+                    xv = x[k, j]
+                    gv = sign * g[k, j]
+                    if sc:
+                        sv = s[off + j]
+                        X[j, i] = xv / sv
+                        G[j, i] = gv * sv
+                    elif code == EUCLIDEAN:
+                        X[j, i] = xv
+                        G[j, i] = gv + wd * xv
+                    else:
+                        X[j, i] = xv
+                        G[j, i] = gv
+                    if use_mom and not first:
+                        M[j, i] = m[k, j]
+            _soa_rgrad(code, X, G, R, C, sq, nk, ncol, nrow, cst, est)
+            # Eq. (7), Ozay 2019, per POM: tau = max(1, R (2 + R)), R = |grad| over the POM
+            for p in range(pa, pb):
+                lo = (p if singleton else pom_ptr[p]) - q0
+                hi = (p + 1 if singleton else pom_ptr[p + 1]) - q0
+                r2 = 0.0
+                for i in range(lo, hi):
+                    r2 += sq[i]
+                ok = not check or math.isfinite(r2)
+                inv_tau = 1.0
+                if adaptive and ok:
+                    big_r = math.sqrt(r2)
+                    tau = big_r * (2.0 + big_r)
+                    if tau > 1.0:
+                        inv_tau = 1.0 / tau
+                if not ok:
+                    skipped += 1
+                for i in range(lo, hi):
+                    itau[i] = inv_tau
+                    keep[i] = ok
+            # momentum and the step in the tangent space
+            for j in range(n):
                 for i in range(nk):
-                    k = kid[i]
-                    if not keep[i]:
-                        if use_mom and first:
-                            for j in range(n):
-                                m[k, j] = 0.0
-                        continue
-                    off = (k % kpr) * n
-                    for j in range(n):
-                        x[k, j] = X[j, i] * s[off + j] if sc else X[j, i]
-                        if use_mom:
-                            m[k, j] = M[j, i]
+                    r = R[j, i] * itau[i]
+                    if use_mom:
+                        b = r if first else mu * M[j, i] + (1.0 - damp) * r
+                        M[j, i] = b
+                        d = r + mu * b if nesterov else b
+                    else:
+                        d = r
+                    X[j, i] = X[j, i] - lr * d
+            # retraction
+            if code == STIEFEL and ncol > 1:
+                _soa_gram_schmidt(X, C, nk, ncol, nrow, cst, est, eps)
+            elif code != EUCLIDEAN:
+                _soa_normalize_columns(X, C, nk, ncol, nrow, cst, est, tiny)
+            if use_mom and code != EUCLIDEAN:
+                _soa_transport(code, X, M, C, nk, ncol, nrow, cst, est)
+            # scatter
+            for i in range(nk):
+                k = kid[i]
+                if not keep[i]:
+                    if use_mom and first:
+                        for j in range(n):
+                            m[k, j] = 0.0
+                    continue
+                off = (k % kpr) * n
+                for j in range(n):
+                    x[k, j] = X[j, i] * s[off + j] if sc else X[j, i]
+                    if use_mom:
+                        m[k, j] = M[j, i]
+        return skipped
+
+    @njit(cache=True, parallel=True, error_model="numpy")
+    def _step_soa(
+        x,
+        g,
+        m,
+        s,
+        kpr,
+        scaled,
+        pom_ptr,
+        pom_kernels,
+        singleton,
+        pom_type,
+        codes,
+        blocks,
+        cap,
+        geo,
+        lr,
+        mu,
+        damp,
+        nesterov,
+        sign,
+        wd,
+        adaptive,
+        use_mom,
+        first,
+        check,
+        eps,
+        tiny,
+        nchunks,
+    ):
+        skipped = np.zeros(nchunks, np.int64)
+        for ch in prange(nchunks):
+            skipped[ch] = _soa_chunk(
+                ch,
+                x,
+                g,
+                m,
+                s,
+                kpr,
+                scaled,
+                pom_ptr,
+                pom_kernels,
+                singleton,
+                pom_type,
+                codes,
+                blocks,
+                cap,
+                geo,
+                lr,
+                mu,
+                damp,
+                nesterov,
+                sign,
+                wd,
+                adaptive,
+                use_mom,
+                first,
+                check,
+                eps,
+                tiny,
+                nchunks,
+            )
         return skipped.sum()
+
+    @njit(**_jit)
+    def _step_soa_serial(
+        x,
+        g,
+        m,
+        s,
+        kpr,
+        scaled,
+        pom_ptr,
+        pom_kernels,
+        singleton,
+        pom_type,
+        codes,
+        blocks,
+        cap,
+        geo,
+        lr,
+        mu,
+        damp,
+        nesterov,
+        sign,
+        wd,
+        adaptive,
+        use_mom,
+        first,
+        check,
+        eps,
+        tiny,
+        nchunks,
+    ):
+        return _soa_chunk(
+            0,
+            x,
+            g,
+            m,
+            s,
+            kpr,
+            scaled,
+            pom_ptr,
+            pom_kernels,
+            singleton,
+            pom_type,
+            codes,
+            blocks,
+            cap,
+            geo,
+            lr,
+            mu,
+            damp,
+            nesterov,
+            sign,
+            wd,
+            adaptive,
+            use_mom,
+            first,
+            check,
+            eps,
+            tiny,
+            nchunks,
+        )
 
     # ------------------------------------------------------------ per-kernel (large) helpers
     @njit(**_jit_fm)
@@ -476,8 +603,9 @@ if numba is not None:
             for j in range(n):
                 x[j] *= s[off + j]
 
-    @njit(cache=True, parallel=True, error_model="numpy")
-    def _step_aos(
+    @njit(**_jit)
+    def _aos_chunk(
+        ch,
         x,
         g,
         m,
@@ -506,70 +634,23 @@ if numba is not None:
     ):
         num_poms = pom_type.shape[0]
         n = x.shape[1]
-        skipped = np.zeros(nchunks, np.int64)
-        for ch in prange(nchunks):
-            rg = np.empty(n, np.float64)
-            for p in range(ch * num_poms // nchunks, (ch + 1) * num_poms // nchunks):
-                code = codes[pom_type[p]]
-                ncol, nrow, cst, est = geo[code, 0], geo[code, 1], geo[code, 2], geo[code, 3]
-                q0 = p if singleton else pom_ptr[p]
-                q1 = p + 1 if singleton else pom_ptr[p + 1]
-                sc = scaled and code != EUCLIDEAN
-                inv_tau = 1.0
-                have_rg = False
-                if adaptive or check:
-                    r2 = 0.0
-                    for q in range(q0, q1):
-                        k = q if singleton else pom_kernels[q]
-                        r2 += _aos_rgrad(
-                            x[k],
-                            g[k],
-                            s,
-                            (k % kpr) * n,
-                            sc,
-                            code,
-                            ncol,
-                            nrow,
-                            cst,
-                            est,
-                            sign,
-                            wd,
-                            rg,
-                        )
-                    if check and not math.isfinite(r2):
-                        skipped[ch] += 1
-                        if use_mom and first:
-                            for q in range(q0, q1):
-                                k = q if singleton else pom_kernels[q]
-                                m[k, :] = 0.0
-                        continue
-                    if adaptive:
-                        big_r = math.sqrt(r2)  # Eq. (7)
-                        tau = big_r * (2.0 + big_r)
-                        if tau > 1.0:
-                            inv_tau = 1.0 / tau
-                    have_rg = q1 - q0 == 1
+        skipped = 0
+        rg = np.empty(n, np.float64)
+        for p in range(ch * num_poms // nchunks, (ch + 1) * num_poms // nchunks):
+            code = codes[pom_type[p]]
+            ncol, nrow, cst, est = geo[code, 0], geo[code, 1], geo[code, 2], geo[code, 3]
+            q0 = p if singleton else pom_ptr[p]
+            q1 = p + 1 if singleton else pom_ptr[p + 1]
+            sc = scaled and code != EUCLIDEAN
+            inv_tau = 1.0
+            have_rg = False
+            if adaptive or check:
+                r2 = 0.0
                 for q in range(q0, q1):
                     k = q if singleton else pom_kernels[q]
-                    if not have_rg:
-                        _aos_rgrad(
-                            x[k],
-                            g[k],
-                            s,
-                            (k % kpr) * n,
-                            sc,
-                            code,
-                            ncol,
-                            nrow,
-                            cst,
-                            est,
-                            sign,
-                            wd,
-                            rg,
-                        )
-                    _aos_update(
+                    r2 += _aos_rgrad(
                         x[k],
-                        m[k],
+                        g[k],
                         s,
                         (k % kpr) * n,
                         sc,
@@ -578,18 +659,181 @@ if numba is not None:
                         nrow,
                         cst,
                         est,
+                        sign,
+                        wd,
                         rg,
-                        inv_tau,
-                        lr,
-                        mu,
-                        damp,
-                        nesterov,
-                        use_mom,
-                        first,
-                        eps,
-                        tiny,
                     )
+                if check and not math.isfinite(r2):
+                    skipped += 1
+                    if use_mom and first:
+                        for q in range(q0, q1):
+                            k = q if singleton else pom_kernels[q]
+                            m[k, :] = 0.0
+                    continue
+                if adaptive:
+                    big_r = math.sqrt(r2)  # Eq. (7)
+                    tau = big_r * (2.0 + big_r)
+                    if tau > 1.0:
+                        inv_tau = 1.0 / tau
+                have_rg = q1 - q0 == 1
+            for q in range(q0, q1):
+                k = q if singleton else pom_kernels[q]
+                if not have_rg:
+                    _aos_rgrad(
+                        x[k],
+                        g[k],
+                        s,
+                        (k % kpr) * n,
+                        sc,
+                        code,
+                        ncol,
+                        nrow,
+                        cst,
+                        est,
+                        sign,
+                        wd,
+                        rg,
+                    )
+                _aos_update(
+                    x[k],
+                    m[k],
+                    s,
+                    (k % kpr) * n,
+                    sc,
+                    code,
+                    ncol,
+                    nrow,
+                    cst,
+                    est,
+                    rg,
+                    inv_tau,
+                    lr,
+                    mu,
+                    damp,
+                    nesterov,
+                    use_mom,
+                    first,
+                    eps,
+                    tiny,
+                )
+        return skipped
+
+    @njit(cache=True, parallel=True, error_model="numpy")
+    def _step_aos(
+        x,
+        g,
+        m,
+        s,
+        kpr,
+        scaled,
+        pom_ptr,
+        pom_kernels,
+        singleton,
+        pom_type,
+        codes,
+        geo,
+        lr,
+        mu,
+        damp,
+        nesterov,
+        sign,
+        wd,
+        adaptive,
+        use_mom,
+        first,
+        check,
+        eps,
+        tiny,
+        nchunks,
+    ):
+        skipped = np.zeros(nchunks, np.int64)
+        for ch in prange(nchunks):
+            skipped[ch] = _aos_chunk(
+                ch,
+                x,
+                g,
+                m,
+                s,
+                kpr,
+                scaled,
+                pom_ptr,
+                pom_kernels,
+                singleton,
+                pom_type,
+                codes,
+                geo,
+                lr,
+                mu,
+                damp,
+                nesterov,
+                sign,
+                wd,
+                adaptive,
+                use_mom,
+                first,
+                check,
+                eps,
+                tiny,
+                nchunks,
+            )
         return skipped.sum()
+
+    @njit(**_jit)
+    def _step_aos_serial(
+        x,
+        g,
+        m,
+        s,
+        kpr,
+        scaled,
+        pom_ptr,
+        pom_kernels,
+        singleton,
+        pom_type,
+        codes,
+        geo,
+        lr,
+        mu,
+        damp,
+        nesterov,
+        sign,
+        wd,
+        adaptive,
+        use_mom,
+        first,
+        check,
+        eps,
+        tiny,
+        nchunks,
+    ):
+        return _aos_chunk(
+            0,
+            x,
+            g,
+            m,
+            s,
+            kpr,
+            scaled,
+            pom_ptr,
+            pom_kernels,
+            singleton,
+            pom_type,
+            codes,
+            geo,
+            lr,
+            mu,
+            damp,
+            nesterov,
+            sign,
+            wd,
+            adaptive,
+            use_mom,
+            first,
+            check,
+            eps,
+            tiny,
+            nchunks,
+        )
 
 
 _DUMMY_I32 = np.zeros(1, np.int32)
@@ -686,12 +930,18 @@ def fused_collection_step(
         float(finfo.eps),
         float(finfo.tiny),
     )
+    # Small layers run on one thread: waking the thread pool costs more than they do.
+    parallel = x2d.size >= PARALLEL_MIN_NUMEL and numba.get_num_threads() > 1
     if plan["soa"]:
-        nchunks = max(1, min(len(plan["blocks"]) - 1, 4 * numba.get_num_threads()))
-        skipped = _step_soa(*common, plan["blocks"], plan["cap"], plan["geo"], *hyper, nchunks)
+        args = (*common, plan["blocks"], plan["cap"], plan["geo"], *hyper)
+        units = len(plan["blocks"]) - 1
+        step = _step_soa if parallel else _step_soa_serial
     else:
-        nchunks = max(1, min(coll.num_poms, 4 * numba.get_num_threads()))
-        skipped = _step_aos(*common, plan["geo"], *hyper, nchunks)
+        args = (*common, plan["geo"], *hyper)
+        units = coll.num_poms
+        step = _step_aos if parallel else _step_aos_serial
+    nchunks = max(1, min(units, 4 * numba.get_num_threads())) if parallel else 1
+    skipped = step(*args, nchunks)
     return int(skipped)
 
 
