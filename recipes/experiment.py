@@ -1,0 +1,152 @@
+"""An experiment: every Table 3 row x seed of one config, trained one after another.
+
+Folder layout (``EXP = <output>/<experiment>``)::
+
+    EXP/args.yaml            the invocation's arguments
+    EXP/table.md             mean +- std top-1 error per row (also printed)
+    EXP/results.csv          one line per finished run
+    EXP/curves.png           eval top-1 per epoch, every run
+    EXP/bounds.png           log10 norm-based bounds per epoch, every run
+    EXP/<row>-seed<S>/       one run: args.yaml, summary.csv, bounds.csv, last.pth,
+                             model_best.pth, curves.png, bounds.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from fgo_geoopt import bounds as fg_bounds
+
+from .checkpoint import load_checkpoint
+from .data import canonical_dataset, create_datasets
+from .distributed import DistEnv, broadcast_object, init_distributed
+from .outputs import plot_comparison, write_csv, write_text
+from .run import RunSpec, plain_args, run_name, train_run
+from .table import collect, results_table
+
+__all__ = ["plan_runs", "run_experiment"]
+
+
+def _experiment_dir(args: argparse.Namespace, env: DistEnv) -> Path:
+    if args.resume:
+        path = Path(args.resume)
+        if path.is_file():
+            return path.parent.parent
+        if path.is_dir():
+            return path
+        raise SystemExit(f"error: --resume {args.resume}: no such checkpoint or experiment folder")
+    name = args.experiment
+    if not name:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        dataset = canonical_dataset(args.dataset).replace("/", "_")
+        name = broadcast_object(f"{stamp}-{args.model}-{dataset}", env)
+    return Path(args.output) / name
+
+
+def plan_runs(args: argparse.Namespace, exp_dir: Path) -> list[RunSpec]:
+    """The runs of an invocation; ``--resume`` picks up existing ``last.pth`` files."""
+    if args.resume and Path(args.resume).is_file():
+        ckpt = load_checkpoint(args.resume)
+        return [
+            RunSpec(ckpt["row"], int(ckpt["seed"]), Path(args.resume).parent, Path(args.resume))
+        ]
+    seeds = args.seeds if args.seeds else [args.seed]
+    runs = []
+    for row in args.fg_strategy:
+        for seed in seeds:
+            run_dir = exp_dir / run_name(row, seed)
+            last = run_dir / "last.pth"
+            runs.append(
+                RunSpec(row, seed, run_dir, last if args.resume and last.is_file() else None)
+            )
+    return runs
+
+
+# ---------------------------------------------------------------------------- experiment
+def run_experiment(
+    args: argparse.Namespace, args_text: str | None = None, env: DistEnv | None = None
+) -> list[dict] | None:
+    """Train every row x seed of ``args``, print and save the table; returns run results.
+
+    Each result holds ``row``, ``label``, ``seed``, ``model``, ``dataset``, ``eval_top1``,
+    ``eval_top5``, ``eval_loss``, ``train_loss``, ``best_top1``, ``time_s``, ``history``,
+    ``bounds`` and ``model_obj`` (the trained model).
+    """
+    env = env or init_distributed(args.device)
+    exp_dir = _experiment_dir(args, env)
+    runs = plan_runs(args, exp_dir)
+    data = create_datasets(
+        args.dataset,
+        args.data_dir,
+        train_split=args.train_split,
+        val_split=args.val_split,
+        img_size=args.img_size,
+        train_subset=args.train_subset,
+        eval_subset=args.eval_subset,
+    )
+    # Resuming one run's last.pth continues inside an experiment that may hold other runs:
+    # its args.yaml stays, and the table covers every finished run of the folder.
+    single_resume = bool(args.resume) and Path(args.resume).is_file()
+    if env.is_main:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        if not single_resume:
+            write_text(exp_dir / "args.yaml", args_text or yaml.safe_dump(plain_args(args)))
+        print(f"experiment folder: {exp_dir}", flush=True)
+        print(
+            f"data: {data.name}, {len(data.train)} train / {len(data.eval)} eval samples, "
+            f"{data.num_classes} classes; model {args.model}; "
+            f"{len(runs)} run(s) x {args.epochs} epochs; world size {env.world_size}",
+            flush=True,
+        )
+    results = []
+    try:
+        for spec in runs:
+            results.append(train_run(args, spec, data, env))
+    except KeyboardInterrupt:
+        if env.is_main:
+            print(
+                f"\ninterrupted: finished epochs are saved; continue with the same command "
+                f"and --resume {exp_dir}",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise
+    if env.is_main:
+        table = results_table(collect([exp_dir]) if single_resume else results)
+        write_text(exp_dir / "table.md", table + "\n")
+        fields = (
+            "row",
+            "label",
+            "seed",
+            "model",
+            "dataset",
+            "epochs",
+            "eval_top1",
+            "eval_top5",
+            "eval_loss",
+            "train_loss",
+            "best_top1",
+            "time_s",
+        )
+        write_csv(exp_dir / "results.csv", results, fields)
+        names = {f"{r['label']} s{r['seed']}": r for r in results}
+        plot_comparison(exp_dir / "curves.png", {k: r["history"] for k, r in names.items()})
+        plot_comparison(
+            exp_dir / "bounds.png",
+            {k: r["bounds"] for k, r in names.items()},
+            keys=fg_bounds.BOUNDS,
+            ylabel="log10 bound",
+        )
+        print()
+        print(table)
+        print(
+            f"\nwritten: {exp_dir}/table.md, results.csv, curves.png, bounds.png and one "
+            f"folder per run",
+            flush=True,
+        )
+    return results
