@@ -1,6 +1,7 @@
 """fgo_geoopt: fine-grained optimisation of deep networks on products of weight manifolds."""
 
 from .collections import PRESETS, KernelCollection, build_collection
+from .integrations.timm import param_groups
 from .manifolds import (
     KernelEuclidean,
     KernelSphere,
@@ -11,6 +12,16 @@ from .manifolds import (
     register_manifold,
 )
 from .optim import FGSGD
+from .rescaling import Rescaler
+from .wrapping import (
+    check,
+    describe,
+    format_table,
+    grouping_state,
+    load_grouping_state,
+    reproject,
+    wrap,
+)
 
 __version__ = "0.1.0"
 
@@ -22,9 +33,18 @@ __all__ = [
     "KernelSphere",
     "KernelStiefel",
     "Oblique",
+    "Rescaler",
     "__version__",
     "build_collection",
+    "check",
+    "describe",
+    "format_table",
     "get_manifold",
+    "grouping_state",
     "list_manifolds",
+    "load_grouping_state",
+    "param_groups",
     "register_manifold",
+    "reproject",
+    "wrap",
 ]

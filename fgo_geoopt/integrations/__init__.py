@@ -1,0 +1,1 @@
+"""Integrations with other libraries. :mod:`.timm` imports timm lazily, inside its functions."""
