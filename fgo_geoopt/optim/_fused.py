@@ -281,25 +281,26 @@ if numba is not None:
             q1 = pb if singleton else pom_ptr[pb]
             nk = q1 - q0
             sc = scaled and code != EUCLIDEAN
-            # gather: unit coordinates, entry-major
+            # gather: unit coordinates, entry-major (branches hoisted out of the entry loops)
             for i in range(nk):
                 k = q0 + i if singleton else pom_kernels[q0 + i]
                 kid[i] = k
                 off = (k % kpr) * n
-                for j in range(n):
-                    xv = x[k, j]
-                    gv = sign * g[k, j]
-                    if sc:
+                if sc:
+                    for j in range(n):
                         sv = s[off + j]
-                        X[j, i] = xv / sv
-                        G[j, i] = gv * sv
-                    elif code == EUCLIDEAN:
-                        X[j, i] = xv
-                        G[j, i] = gv + wd * xv
-                    else:
-                        X[j, i] = xv
-                        G[j, i] = gv
-                    if use_mom and not first:
+                        X[j, i] = x[k, j] / sv
+                        G[j, i] = sign * g[k, j] * sv
+                elif code == EUCLIDEAN:
+                    for j in range(n):
+                        X[j, i] = x[k, j]
+                        G[j, i] = sign * g[k, j] + wd * x[k, j]
+                else:
+                    for j in range(n):
+                        X[j, i] = x[k, j]
+                        G[j, i] = sign * g[k, j]
+                if use_mom:
+                    for j in range(n):
                         M[j, i] = m[k, j]
             _soa_rgrad(code, X, G, R, C, sq, nk, ncol, nrow, cst, est)
             # Eq. (7), Ozay 2019, per POM: tau = max(1, R (2 + R)), R = |grad| over the POM
@@ -321,17 +322,21 @@ if numba is not None:
                 for i in range(lo, hi):
                     itau[i] = inv_tau
                     keep[i] = ok
-            # momentum and the step in the tangent space
-            for j in range(n):
-                for i in range(nk):
-                    r = R[j, i] * itau[i]
-                    if use_mom:
-                        b = r if first else mu * M[j, i] + (1.0 - damp) * r
+            # momentum and the step in the tangent space: b = c_old * b + c_new * r,
+            # d = a_r * r + a_b * b (the buffer starts at zero, so the first step is exact)
+            c_old, c_new = (0.0, 1.0) if first else (mu, 1.0 - damp)
+            a_r, a_b = (1.0, mu) if nesterov else (0.0, 1.0)
+            if use_mom:
+                for j in range(n):
+                    for i in range(nk):
+                        r = R[j, i] * itau[i]
+                        b = c_old * M[j, i] + c_new * r
                         M[j, i] = b
-                        d = r + mu * b if nesterov else b
-                    else:
-                        d = r
-                    X[j, i] = X[j, i] - lr * d
+                        X[j, i] = X[j, i] - lr * (a_r * r + a_b * b)
+            else:
+                for j in range(n):
+                    for i in range(nk):
+                        X[j, i] = X[j, i] - lr * R[j, i] * itau[i]
             # retraction
             if code == STIEFEL and ncol > 1:
                 _soa_gram_schmidt(X, C, nk, ncol, nrow, cst, est, eps)
@@ -341,20 +346,101 @@ if numba is not None:
                 _soa_transport(code, X, M, C, nk, ncol, nrow, cst, est)
             # scatter
             for i in range(nk):
-                k = kid[i]
                 if not keep[i]:
-                    if use_mom and first:
-                        for j in range(n):
-                            m[k, j] = 0.0
-                    continue
+                    continue  # skipped POM: weights and (zero-initialised) buffer unchanged
+                k = kid[i]
                 off = (k % kpr) * n
-                for j in range(n):
-                    x[k, j] = X[j, i] * s[off + j] if sc else X[j, i]
-                    if use_mom:
+                if sc:
+                    for j in range(n):
+                        x[k, j] = X[j, i] * s[off + j]
+                else:
+                    for j in range(n):
+                        x[k, j] = X[j, i]
+                if use_mom:
+                    for j in range(n):
                         m[k, j] = M[j, i]
         return skipped
 
     # ------------------------------------------------------------ per-kernel (large) helpers
+    @njit(**_jit_fm)
+    def _col_rgrad(x, g, s, off, sc, sign, wd, euc, rg):
+        """Riemannian gradient of a one-column kernel (sphere-like, contiguous); |rg|^2."""
+        n = x.shape[0]
+        tot = 0.0
+        if euc:
+            for j in range(n):
+                v = sign * g[j] + wd * x[j]
+                rg[j] = v
+                tot += v * v
+            return tot
+        a = 0.0
+        if not sc:  # unscaled: no per-entry scale at all
+            for j in range(n):
+                a += x[j] * g[j]
+            a *= sign
+            for j in range(n):
+                v = sign * g[j] - a * x[j]
+                rg[j] = v
+                tot += v * v
+            return tot
+        for j in range(n):
+            a += (x[j] / s[off + j]) * (sign * g[j] * s[off + j])
+        for j in range(n):
+            sj = s[off + j]
+            v = sign * g[j] * sj - a * (x[j] / sj)
+            rg[j] = v
+            tot += v * v
+        return tot
+
+    @njit(**_jit_fm)
+    def _col_update(x, m, s, off, sc, euc, rg, inv_tau, lr, c_old, c_new, a_r, a_b, use_mom, tiny):
+        """Momentum, step, normalisation and transport of a one-column kernel, in place."""
+        n = x.shape[0]
+        nrm = 0.0
+        if use_mom and euc:
+            for j in range(n):
+                r = rg[j] * inv_tau
+                b = c_old * m[j] + c_new * r
+                m[j] = b
+                x[j] = x[j] - lr * (a_r * r + a_b * b)
+            return
+        if euc:
+            for j in range(n):
+                x[j] = x[j] - lr * rg[j] * inv_tau
+            return
+        if use_mom:
+            for j in range(n):
+                r = rg[j] * inv_tau
+                b = c_old * m[j] + c_new * r
+                m[j] = b
+                xu = x[j] / s[off + j] if sc else x[j]
+                y = xu - lr * (a_r * r + a_b * b)
+                x[j] = y
+                nrm += y * y
+        else:
+            for j in range(n):
+                xu = x[j] / s[off + j] if sc else x[j]
+                y = xu - lr * rg[j] * inv_tau
+                x[j] = y
+                nrm += y * y
+        if nrm > tiny * tiny:
+            inv = 1.0 / math.sqrt(nrm)
+            for j in range(n):
+                x[j] = x[j] * inv
+        else:
+            fill = 1.0 / math.sqrt(n)
+            for j in range(n):
+                x[j] = fill
+        if use_mom:
+            a = 0.0
+            for j in range(n):
+                a += x[j] * m[j]
+            for j in range(n):
+                m[j] = m[j] - a * x[j]
+        if sc:
+            for j in range(n):
+                x[j] = x[j] * s[off + j]
+
     @njit(**_jit_fm)
     def _aos_rgrad(x, g, s, off, sc, code, ncol, nrow, cst, est, sign, wd, rg):
         """Riemannian gradient of one large kernel (contiguous entries) into ``rg``; |rg|^2."""
@@ -512,34 +598,41 @@ if numba is not None:
         num_poms = pom_type.shape[0]
         n = x.shape[1]
         skipped = 0
-        rg = np.empty(n, np.float64)
+        rg = np.empty(n, x.dtype)
+        c_old, c_new = (0.0, 1.0) if first else (mu, 1.0 - damp)
+        a_r, a_b = (1.0, mu) if nesterov else (0.0, 1.0)
         for p in range(ch * num_poms // nchunks, (ch + 1) * num_poms // nchunks):
             code = codes[pom_type[p]]
             ncol, nrow, cst, est = geo[code, 0], geo[code, 1], geo[code, 2], geo[code, 3]
             q0 = p if singleton else pom_ptr[p]
             q1 = p + 1 if singleton else pom_ptr[p + 1]
             sc = scaled and code != EUCLIDEAN
+            col = ncol == 1  # every filter-view kernel: contiguous loops
+            euc = code == EUCLIDEAN
             inv_tau = 1.0
             have_rg = False
             if adaptive or check:
                 r2 = 0.0
                 for q in range(q0, q1):
                     k = q if singleton else pom_kernels[q]
-                    r2 += _aos_rgrad(
-                        x[k],
-                        g[k],
-                        s,
-                        (k % kpr) * n,
-                        sc,
-                        code,
-                        ncol,
-                        nrow,
-                        cst,
-                        est,
-                        sign,
-                        wd,
-                        rg,
-                    )
+                    if col:
+                        r2 += _col_rgrad(x[k], g[k], s, (k % kpr) * n, sc, sign, wd, euc, rg)
+                    else:
+                        r2 += _aos_rgrad(
+                            x[k],
+                            g[k],
+                            s,
+                            (k % kpr) * n,
+                            sc,
+                            code,
+                            ncol,
+                            nrow,
+                            cst,
+                            est,
+                            sign,
+                            wd,
+                            rg,
+                        )
                 if check and not math.isfinite(r2):
                     skipped += 1
                     if use_mom and first:
@@ -556,9 +649,46 @@ if numba is not None:
             for q in range(q0, q1):
                 k = q if singleton else pom_kernels[q]
                 if not have_rg:
-                    _aos_rgrad(
+                    if col:
+                        _col_rgrad(x[k], g[k], s, (k % kpr) * n, sc, sign, wd, euc, rg)
+                    else:
+                        _aos_rgrad(
+                            x[k],
+                            g[k],
+                            s,
+                            (k % kpr) * n,
+                            sc,
+                            code,
+                            ncol,
+                            nrow,
+                            cst,
+                            est,
+                            sign,
+                            wd,
+                            rg,
+                        )
+                if col:
+                    _col_update(
                         x[k],
-                        g[k],
+                        m[k],
+                        s,
+                        (k % kpr) * n,
+                        sc,
+                        euc,
+                        rg,
+                        inv_tau,
+                        lr,
+                        c_old,
+                        c_new,
+                        a_r,
+                        a_b,
+                        use_mom,
+                        tiny,
+                    )
+                else:
+                    _aos_update(
+                        x[k],
+                        m[k],
                         s,
                         (k % kpr) * n,
                         sc,
@@ -567,32 +697,17 @@ if numba is not None:
                         nrow,
                         cst,
                         est,
-                        sign,
-                        wd,
                         rg,
+                        inv_tau,
+                        lr,
+                        mu,
+                        damp,
+                        nesterov,
+                        use_mom,
+                        first,
+                        eps,
+                        tiny,
                     )
-                _aos_update(
-                    x[k],
-                    m[k],
-                    s,
-                    (k % kpr) * n,
-                    sc,
-                    code,
-                    ncol,
-                    nrow,
-                    cst,
-                    est,
-                    rg,
-                    inv_tau,
-                    lr,
-                    mu,
-                    damp,
-                    nesterov,
-                    use_mom,
-                    first,
-                    eps,
-                    tiny,
-                )
         return skipped
 
 

@@ -381,7 +381,9 @@ def _collection_step(
     buf = None
     if momentum != 0:
         if first:
-            st["momentum_buffer"] = torch.empty((k, n), dtype=p.dtype, device=p.device)
+            # zeros, not empty: the fused step reads the buffer with a zero weight on the first
+            # step, and skipped POMs keep it
+            st["momentum_buffer"] = torch.zeros((k, n), dtype=p.dtype, device=p.device)
         buf = st["momentum_buffer"]
     if use_fused:
         contiguous = p.is_contiguous()
