@@ -31,3 +31,17 @@ def test_examples_run(path: Path, tmp_path, monkeypatch):
     for i, block in enumerate(blocks):
         code = compile(block, f"{path.name}[block {i}]", "exec")
         exec(code, namespace)  # blocks of one page share state, as a reader's session would
+
+
+def test_extension_tutorial_is_under_40_lines():
+    """docs/extending.md promises a new manifold, trained in a PIO mix, in under 40 lines."""
+    blocks = python_blocks(ROOT / "docs" / "extending.md")
+    lines = [
+        line
+        for block in blocks
+        for line in block.splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    assert 0 < len(lines) < 40
+    assert "register_manifold" in "".join(blocks)
+    assert "check_manifold_contract" in "".join(blocks)
