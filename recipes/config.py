@@ -225,14 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=float, default=0.1, metavar="LR", help="base learning rate (default: 0.1)"
     )
     group.add_argument(
-        "--epochs", type=int, default=4, metavar="N", help="epochs to train (default: 4)"
+        "--epochs", type=int, default=8, metavar="N", help="epochs to train (default: 8)"
     )
     group.add_argument(
         "--decay-epochs",
         type=float,
-        default=3,
+        default=6,
         metavar="N",
-        help="epoch interval of the step decay (default: 3)",
+        help="epoch interval of the step decay (default: 6)",
     )
     group.add_argument(
         "--decay-milestones",
