@@ -15,9 +15,13 @@ from hypothesis import strategies as st
 
 from fgo_geoopt import FGSGD, build_collection
 from fgo_geoopt.collections import KernelCollection
+from fgo_geoopt.optim import _fused
 from fgo_geoopt.optim.reference import reference_step
 
-BACKENDS = ("torch", "fused")
+# The fused backend needs numba; without it (or with FGO_DISABLE_NUMBA=1) the batched path
+# is the only one, and the library must still pass everything else.
+BACKENDS = ("torch", "fused") if _fused.AVAILABLE else ("torch",)
+needs_numba = pytest.mark.skipif(not _fused.AVAILABLE, reason="numba fused backend unavailable")
 # Strategies (default manifolds Sp+Ob+St) and the Table 3 presets.
 GROUPINGS = ("pi", "po", "pio", "single", "st", "poms_st", "pio3", "pio4")
 # A 3x3 conv, a factorised 1x7 conv, a 1x1 conv and a Linear layer (the last two: filter view).
@@ -650,6 +654,7 @@ def test_invalid_group_options_raise(group, message):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], **group})
 
 
+@needs_numba
 def test_fused_backend_rejects_what_it_cannot_step():
     p = _manifold_param((4, 3, 3, 3), "pio3", dtype=torch.bfloat16)
     p.grad = torch.ones_like(p)
