@@ -49,27 +49,23 @@ if numba is not None:
 
     # ------------------------------------------------------------ structure-of-arrays helpers
     @njit(**_jit)
-    def _soa_rgrad(code, X, G, R, C, sq, nk, ncol, nrow, cst, est):
-        """Riemannian gradient of the ``nk`` kernels of a block into ``R``; ``sq`` = |R|^2."""
-        n = X.shape[0]
-        for i in range(nk):
-            sq[i] = 0.0
-        if code == EUCLIDEAN:
-            for j in range(n):
-                for i in range(nk):
-                    R[j, i] = G[j, i]
-        elif code == STIEFEL and ncol > 1:
-            # R = G - X sym(X^T G), per kernel
+    def _soa_project(code, X, V, OUT, C, nk, ncol, nrow, cst, est):
+        """Tangent projection of ``V`` at the points ``X`` into ``OUT`` (``OUT`` may be ``V``).
+
+        Stiefel: ``V - X sym(X^T V)``; sphere (one column of n entries), oblique and one-column
+        Stiefel: ``V - <X, V> X`` per column. The coefficients are computed from ``V`` before
+        any entry is written, so the projection can run in place.
+        """
+        if code == STIEFEL and ncol > 1:
             for c1 in range(ncol):
                 for c2 in range(ncol):
                     row = C[c1 * ncol + c2]
                     for i in range(nk):
                         row[i] = 0.0
                     for r in range(nrow):
-                        j1 = c1 * cst + r * est
-                        j2 = c2 * cst + r * est
+                        j1, j2 = c1 * cst + r * est, c2 * cst + r * est
                         for i in range(nk):
-                            row[i] += X[j1, i] * G[j2, i]
+                            row[i] += X[j1, i] * V[j2, i]
             for c1 in range(ncol):
                 for c2 in range(c1 + 1, ncol):
                     a, b = C[c1 * ncol + c2], C[c2 * ncol + c1]
@@ -81,15 +77,13 @@ if numba is not None:
                 for c in range(ncol):
                     j = c * cst + r * est
                     for i in range(nk):
-                        R[j, i] = G[j, i]
+                        OUT[j, i] = V[j, i]
                     for c2 in range(ncol):
                         j2 = c2 * cst + r * est
                         coef = C[c2 * ncol + c]
                         for i in range(nk):
-                            R[j, i] -= X[j2, i] * coef[i]
+                            OUT[j, i] -= X[j2, i] * coef[i]
         else:
-            # sphere (one column of n entries), oblique, one-column Stiefel: per column
-            # R = G - <X, G> X
             for c in range(ncol):
                 a = C[0]
                 for i in range(nk):
@@ -97,11 +91,24 @@ if numba is not None:
                 for r in range(nrow):
                     j = c * cst + r * est
                     for i in range(nk):
-                        a[i] += X[j, i] * G[j, i]
+                        a[i] += X[j, i] * V[j, i]
                 for r in range(nrow):
                     j = c * cst + r * est
                     for i in range(nk):
-                        R[j, i] = G[j, i] - a[i] * X[j, i]
+                        OUT[j, i] = V[j, i] - a[i] * X[j, i]
+
+    @njit(**_jit)
+    def _soa_rgrad(code, X, G, R, C, sq, nk, ncol, nrow, cst, est):
+        """Riemannian gradient of the ``nk`` kernels of a block into ``R``; ``sq`` = |R|^2."""
+        n = X.shape[0]
+        if code == EUCLIDEAN:
+            for j in range(n):
+                for i in range(nk):
+                    R[j, i] = G[j, i]
+        else:
+            _soa_project(code, X, G, R, C, nk, ncol, nrow, cst, est)
+        for i in range(nk):
+            sq[i] = 0.0
         for j in range(n):
             for i in range(nk):
                 sq[i] += R[j, i] * R[j, i]
@@ -183,50 +190,6 @@ if numba is not None:
                 v -= X[c2 * cst + best * est, i] * X[c2 * cst + r * est, i]
             X[c * cst + r * est, i] = v
         return math.sqrt(best_n)
-
-    @njit(**_jit)
-    def _soa_transport(code, X, M, C, nk, ncol, nrow, cst, est):
-        """Project the momentum ``M`` onto the tangent spaces at the new points ``X``."""
-        if code == STIEFEL and ncol > 1:
-            for c1 in range(ncol):
-                for c2 in range(ncol):
-                    row = C[c1 * ncol + c2]
-                    for i in range(nk):
-                        row[i] = 0.0
-                    for r in range(nrow):
-                        j1, j2 = c1 * cst + r * est, c2 * cst + r * est
-                        for i in range(nk):
-                            row[i] += X[j1, i] * M[j2, i]
-            for c1 in range(ncol):
-                for c2 in range(c1 + 1, ncol):
-                    a, b = C[c1 * ncol + c2], C[c2 * ncol + c1]
-                    for i in range(nk):
-                        v = 0.5 * (a[i] + b[i])
-                        a[i] = v
-                        b[i] = v
-            # M <- M - X S, one row of entries at a time (the row's old values are all read
-            # through S, which is fixed, so the update is in place)
-            for r in range(nrow):
-                for c in range(ncol):
-                    j = c * cst + r * est
-                    for c2 in range(ncol):
-                        j2 = c2 * cst + r * est
-                        coef = C[c2 * ncol + c]
-                        for i in range(nk):
-                            M[j, i] -= X[j2, i] * coef[i]
-        else:
-            for c in range(ncol):
-                a = C[0]
-                for i in range(nk):
-                    a[i] = 0.0
-                for r in range(nrow):
-                    j = c * cst + r * est
-                    for i in range(nk):
-                        a[i] += X[j, i] * M[j, i]
-                for r in range(nrow):
-                    j = c * cst + r * est
-                    for i in range(nk):
-                        M[j, i] -= a[i] * X[j, i]
 
     @njit(**_jit)
     def _soa_chunk(
@@ -343,7 +306,7 @@ if numba is not None:
             elif code != EUCLIDEAN:
                 _soa_normalize_columns(X, C, nk, ncol, nrow, cst, est, tiny)
             if use_mom and code != EUCLIDEAN:
-                _soa_transport(code, X, M, C, nk, ncol, nrow, cst, est)
+                _soa_project(code, X, M, M, C, nk, ncol, nrow, cst, est)  # transport
             # scatter
             for i in range(nk):
                 if not keep[i]:
@@ -552,7 +515,7 @@ if numba is not None:
                 X = x.reshape((n, 1))
                 M = m.reshape((n, 1))
                 C = np.empty((ncol * ncol, 1), x.dtype)
-                _soa_transport(code, X, M, C, 1, ncol, nrow, cst, est)
+                _soa_project(code, X, M, M, C, 1, ncol, nrow, cst, est)
             else:
                 for c in range(ncol):
                     a = 0.0
