@@ -219,7 +219,8 @@ class FGSGD(RiemannianSGD):
                 nesterov=group["nesterov"],
                 maximize=group["maximize"],
                 adaptive_step=group["adaptive_step"],
-                nonfinite=group["nonfinite"],
+                # "raise" groups were checked above; checking again would be a second pass
+                nonfinite="none" if group["nonfinite"] == "raise" else group["nonfinite"],
                 backend=group["backend"],
             )
             if skipped is not None:
@@ -246,7 +247,8 @@ class FGSGD(RiemannianSGD):
 
 
 def _raise_if_nonfinite(params: list[torch.Tensor]) -> None:
-    bad = [i for i, p in enumerate(params) if not bool(torch.isfinite(p.grad).all())]
+    flags = _finite_flags([p.grad for p in params])
+    bad = [i for i, ok in enumerate(flags) if not ok]
     if bad:
         raise FloatingPointError(
             f"non-finite gradient in {len(bad)} parameter(s) (positions {bad} of the group "
@@ -385,43 +387,31 @@ def _collection_step(
             # step, and skipped POMs keep it
             st["momentum_buffer"] = torch.zeros((k, n), dtype=p.dtype, device=p.device)
         buf = st["momentum_buffer"]
-    if use_fused:
-        contiguous = p.is_contiguous()
-        x = p if contiguous else p.contiguous()
-        g = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
-        skipped = _fused.fused_collection_step(
-            coll,
-            x.detach().view(k, n).numpy(),
-            g.detach().view(k, n).numpy(),
-            None if buf is None else buf.numpy(),
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            nesterov=nesterov,
-            maximize=maximize,
-            weight_decay=weight_decay,
-            adaptive=adaptive,
-            first=first,
-            check=check,
-        )
-        if not contiguous:
-            p.copy_(x)
-    else:
-        skipped = batched_collection_step(
-            coll,
-            p,
-            p.grad,
-            buf,
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            nesterov=nesterov,
-            maximize=maximize,
-            weight_decay=weight_decay,
-            adaptive=adaptive,
-            first=first,
-            check=check,
-        )
+    hyper = {
+        "lr": lr,
+        "momentum": momentum,
+        "dampening": dampening,
+        "nesterov": nesterov,
+        "maximize": maximize,
+        "weight_decay": weight_decay,
+        "adaptive": adaptive,
+        "first": first,
+        "check": check,
+    }
+    if not use_fused:
+        return batched_collection_step(coll, p, p.grad, buf, **hyper)
+    contiguous = p.is_contiguous()
+    x = p if contiguous else p.contiguous()
+    g = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+    skipped = _fused.fused_collection_step(
+        coll,
+        x.detach().view(k, n).numpy(),
+        g.detach().view(k, n).numpy(),
+        None if buf is None else buf.numpy(),
+        **hyper,
+    )
+    if not contiguous:
+        p.copy_(x)
     return skipped
 
 
