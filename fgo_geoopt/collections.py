@@ -323,6 +323,19 @@ class KernelCollection(geoopt.Manifold):
             out = out.contiguous(memory_format=torch.channels_last)
         return out
 
+    def _unit_parts(self, *kernel_views: torch.Tensor, device, dtype):
+        """Per manifold type: ``(t, idx, pom, scale, parts)`` with the rows ``idx`` of every
+        ``(K, n)`` view divided by the scales ``R`` (``scale`` is ``None`` where unscaled)."""
+        escale = self.elem_scale(device, dtype)
+        for t, idx, pom, row_pos in self._indices(device)["per_type"]:
+            scale = None
+            if escale is not None and self.manifold_names[t] != "euclidean":
+                scale = escale.index_select(0, row_pos)
+            parts = [k.index_select(0, idx) for k in kernel_views]
+            if scale is not None:
+                parts = [part / scale for part in parts]
+            yield t, idx, pom, scale, parts
+
     def _map(
         self,
         fn: Callable[..., torch.Tensor],
@@ -341,20 +354,10 @@ class KernelCollection(geoopt.Manifold):
         out = torch.empty_like(kp[0]) if out_kind != "scalar" else None
         scalars = []
         a, b = self.kernel_shape
-        idx_data = self._indices(like.device)
-        escale = self.elem_scale(like.device, like.dtype)
-        for t, idx, _, row_pos in idx_data["per_type"]:
-            man = self.manifolds[t]
-            scale = None
-            if escale is not None and self.manifold_names[t] != "euclidean":
-                scale = escale.index_select(0, row_pos)
-            args = []
-            for k in (*kp, *kv):
-                part = k.index_select(0, idx)
-                if scale is not None:
-                    part = part / scale
-                args.append(part.view(-1, a, b))
-            res = fn(man, *args)
+        for t, idx, _, scale, parts in self._unit_parts(
+            *kp, *kv, device=like.device, dtype=like.dtype
+        ):
+            res = fn(self.manifolds[t], *(part.view(-1, a, b) for part in parts))
             if out_kind == "scalar":
                 scalars.append(res.sum())
                 continue
@@ -435,11 +438,7 @@ class KernelCollection(geoopt.Manifold):
         kx, kv = self._kernels(x), v.reshape(self.num_kernels, self.kernel_numel)
         out = torch.empty_like(kv)
         a, b = self.kernel_shape
-        escale = self.elem_scale(x.device, x.dtype)
-        for t, idx, _, row_pos in self._indices(x.device)["per_type"]:
-            px = kx.index_select(0, idx)
-            if escale is not None and self.manifold_names[t] != "euclidean":
-                px = px / escale.index_select(0, row_pos)
+        for t, idx, _, _, (px,) in self._unit_parts(kx, device=x.device, dtype=x.dtype):
             res = self.manifolds[t].proju(px.view(-1, a, b), kv.index_select(0, idx).view(-1, a, b))
             out.index_copy_(0, idx, res.reshape(-1, self.kernel_numel).to(out.dtype))
         return out.view_as(v)
@@ -453,11 +452,7 @@ class KernelCollection(geoopt.Manifold):
         ku = self._kernels(u)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         out = torch.zeros(self.num_poms, dtype=acc, device=x.device)
-        escale = self.elem_scale(x.device, x.dtype)
-        for t, idx, pom, row_pos in self._indices(x.device)["per_type"]:
-            part = ku.index_select(0, idx)
-            if escale is not None and self.manifold_names[t] != "euclidean":
-                part = part / escale.index_select(0, row_pos)
+        for _, _, pom, _, (part,) in self._unit_parts(ku, device=x.device, dtype=x.dtype):
             out.index_add_(0, pom, part.to(out.dtype).pow(2).sum(-1))
         return out
 
@@ -476,11 +471,7 @@ class KernelCollection(geoopt.Manifold):
         reasons = []
         kx = self._kernels(x)
         a, b = self.kernel_shape
-        escale = self.elem_scale(x.device, x.dtype)
-        for t, idx, _, row_pos in self._indices(x.device)["per_type"]:
-            part = kx.index_select(0, idx)
-            if escale is not None and self.manifold_names[t] != "euclidean":
-                part = part / escale.index_select(0, row_pos)
+        for t, _, _, _, (part,) in self._unit_parts(kx, device=x.device, dtype=x.dtype):
             ok, why = self.manifolds[t].check_point_on_manifold(
                 part.view(-1, a, b), explain=True, atol=atol, rtol=rtol
             )
@@ -493,12 +484,7 @@ class KernelCollection(geoopt.Manifold):
         rtol = default_atol(x.dtype) if rtol is None else rtol
         kx, ku = self._kernels(x), self._kernels(u)
         a, b = self.kernel_shape
-        escale = self.elem_scale(x.device, x.dtype)
-        for t, idx, _, row_pos in self._indices(x.device)["per_type"]:
-            px, pu = kx.index_select(0, idx), ku.index_select(0, idx)
-            if escale is not None and self.manifold_names[t] != "euclidean":
-                s = escale.index_select(0, row_pos)
-                px, pu = px / s, pu / s
+        for t, _, _, _, (px, pu) in self._unit_parts(kx, ku, device=x.device, dtype=x.dtype):
             ok, why = self.manifolds[t].check_vector_on_tangent(
                 px.view(-1, a, b), pu.view(-1, a, b), explain=True, atol=atol, rtol=rtol
             )
