@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -29,7 +30,7 @@ try:  # numba is a declared dependency, but the library keeps working without it
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
-__all__ = ["AVAILABLE", "fused_collection_step", "fused_supported"]
+__all__ = ["AVAILABLE", "FusedJob", "fused_collection_step", "fused_supported", "run_jobs"]
 
 AVAILABLE = numba is not None and os.environ.get("FGO_DISABLE_NUMBA", "0") != "1"
 
@@ -38,8 +39,8 @@ SPHERE, OBLIQUE, STIEFEL, EUCLIDEAN = 0, 1, 2, 3
 SOA_MAX_NUMEL = 64
 #: Target number of kernels in one block of the structure-of-arrays path.
 BLOCK_KERNELS = 256
-#: Layers with fewer entries are stepped on one thread.
-PARALLEL_MIN_NUMEL = 1 << 15
+#: Entries per piece of work handed to a thread (smaller layers are one piece).
+PIECE_NUMEL = 1 << 17
 
 if numba is not None:
     _jit = {"cache": True, "nogil": True, "error_model": "numpy"}
@@ -677,21 +678,21 @@ if numba is not None:
 _POOL: ThreadPoolExecutor | None = None
 
 
-def _run_chunks(chunk, args: tuple, threads: int) -> int:
-    """Run ``chunk(c, *args, threads)`` for every chunk ``c``, on ``threads`` threads.
+def _parallel(tasks: list) -> list:
+    """Run the callables of ``tasks`` on as many threads (the first on the calling one).
 
-    The chunk functions release the GIL (``nogil``), so plain Python threads run them in
+    The numba functions release the GIL (``nogil``), so plain Python threads run them in
     parallel; unlike numba's parallel regions this never competes with torch's OpenMP pool
     for the cores (measured: a 5x slower step with the ``omp`` threading layer).
     """
     global _POOL
-    if threads == 1:
-        return int(chunk(0, *args, 1))
-    if _POOL is None or _POOL._max_workers < threads - 1:
-        _POOL = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="fgo-fused")
-    futures = [_POOL.submit(chunk, c, *args, threads) for c in range(1, threads)]
-    total = int(chunk(0, *args, threads))
-    return total + sum(int(f.result()) for f in futures)
+    if len(tasks) == 1:
+        return [tasks[0]()]
+    if _POOL is None or _POOL._max_workers < len(tasks) - 1:
+        _POOL = ThreadPoolExecutor(max_workers=len(tasks) - 1, thread_name_prefix="fgo-fused")
+    futures = [_POOL.submit(task) for task in tasks[1:]]
+    first = tasks[0]()
+    return [first, *(f.result() for f in futures)]
 
 
 _DUMMY_I32 = np.zeros(1, np.int32)
@@ -717,9 +718,20 @@ def _plan(coll) -> dict:
         "pom_type": pom_type,
         "pom_ptr": _DUMMY_I32 if coll.pom_ptr is None else coll.pom_ptr.numpy(),
         "pom_kernels": _DUMMY_I32 if coll.pom_kernels is None else coll.pom_kernels.numpy(),
-        "soa": n <= SOA_MAX_NUMEL,
+        "path": "3x3" if coll.kernel_shape == (3, 3) else "soa" if n <= SOA_MAX_NUMEL else "aos",
     }
-    if plan["soa"]:
+    if plan["path"] == "3x3":
+        # Per kernel, in memory order: its POM (two bytes while there are at most 65,536
+        # POMs), or with one kernel per POM its manifold (one byte); ``tcode`` maps either
+        # to the manifold code.
+        if coll.pom_ptr is None:
+            plan["kidx"] = coll.kernel_type().numpy().astype(np.int8)
+            plan["tcode"] = codes.astype(np.int8)
+        else:
+            small = coll.num_poms <= 1 << 16
+            plan["kidx"] = coll.kernel_pom.numpy().astype(np.uint16 if small else np.int32)
+            plan["tcode"] = codes.astype(np.int8)[pom_type]
+    elif plan["path"] == "soa":
         sizes = coll.pom_sizes.numpy()
         # Blocks: consecutive POMs of one type, cut where the running kernel count crosses a
         # multiple of BLOCK_KERNELS (so a block holds < BLOCK_KERNELS + largest POM kernels).
@@ -734,71 +746,201 @@ def _plan(coll) -> dict:
     return plan
 
 
-def fused_collection_step(
-    coll,
-    x2d: np.ndarray,
-    g2d: np.ndarray,
-    m2d: np.ndarray | None,
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
-    weight_decay: float,
-    adaptive: bool,
-    first: bool,
-    check: bool,
-) -> int:
-    """Run the fused step in place on ``(K, n)`` arrays; returns the number of skipped POMs.
+def _bounds(n: int, part: int, parts: int, align: int = 16) -> tuple[int, int]:
+    """Share ``part`` of ``range(n)`` cut in ``parts``; cuts on multiples of ``align`` so that
+    two threads never write into the same cache line."""
 
-    ``m2d`` is the momentum buffer in unit coordinates, or ``None`` without momentum.
+    def cut(c):
+        return n if c >= parts else min(n, n * c // parts // align * align)
+
+    return cut(part), cut(part + 1)
+
+
+class FusedJob:
+    """The fused step of one collection: phases of work, each split into shares.
+
+    Phase ``i`` of every job runs before phase ``i + 1`` of any: the 3x3 path needs every
+    kernel's gradient norm (phase 0) before the POM factors (phase 1) and the update (phase 2).
     """
-    plan = coll._cache.get("fused")
-    if plan is None:
-        plan = coll._cache["fused"] = _plan(coll)
-    scale = coll.scale
-    s = _DUMMY_F64 if scale is None else coll.elem_scale("cpu", scale.dtype).reshape(-1).numpy()
-    finfo = np.finfo(x2d.dtype)
-    use_mom = m2d is not None
-    common = (
+
+    def __init__(
+        self,
+        coll,
         x2d,
         g2d,
-        m2d if use_mom else x2d,
-        s,
-        coll.kernels_per_row,
-        scale is not None,
-        plan["pom_ptr"],
-        plan["pom_kernels"],
-        coll.pom_ptr is None,
-        plan["pom_type"],
-        plan["codes"],
-    )
-    hyper = (
-        float(lr),
-        float(momentum),
-        float(dampening),
-        bool(nesterov),
-        -1.0 if maximize else 1.0,
-        float(weight_decay),
-        bool(adaptive),
-        use_mom,
-        bool(first),
-        bool(check),
-        float(finfo.eps),
-        float(finfo.tiny),
-    )
-    chunk = _soa_chunk if plan["soa"] else _aos_chunk
-    args = (*common, plan["blocks"], plan["cap"]) if plan["soa"] else common
-    args = (*args, plan["geo"], *hyper)
-    units = len(plan["blocks"]) - 1 if plan["soa"] else coll.num_poms
-    # Small layers run on one thread: handing work to other threads costs more than they do.
-    threads = min(torch.get_num_threads(), units) if x2d.size >= PARALLEL_MIN_NUMEL else 1
-    skipped = _run_chunks(chunk, args, max(threads, 1))
-    return int(skipped)
+        m2d,
+        *,
+        lr,
+        momentum,
+        dampening,
+        nesterov,
+        maximize,
+        weight_decay,
+        adaptive,
+        first,
+        check,
+    ):
+        plan = coll._cache.get("fused")
+        if plan is None:
+            plan = coll._cache["fused"] = _plan(coll)
+        scale = coll.scale
+        s = _DUMMY_F64 if scale is None else coll.elem_scale("cpu", scale.dtype).reshape(-1).numpy()
+        use_mom = m2d is not None
+        m2d = m2d if use_mom else x2d
+        self.numel = x2d.size
+        kpr, scaled = coll.kernels_per_row, scale is not None
+        c_old, c_new = (0.0, 1.0) if first else (momentum, 1.0 - dampening)
+        a_r, a_b = (1.0, momentum) if nesterov else (0.0, 1.0)
+        sign = -1.0 if maximize else 1.0
+        if plan["path"] == "3x3":
+            self._init_3x3(
+                coll,
+                plan,
+                x2d,
+                g2d,
+                m2d,
+                s,
+                scaled,
+                use_mom,
+                adaptive,
+                check,
+                hp=(
+                    _fused3x3.hyper_array(
+                        x2d.dtype,
+                        lr=lr,
+                        c_old=c_old,
+                        c_new=c_new,
+                        a_r=a_r,
+                        a_b=a_b,
+                        weight_decay=weight_decay,
+                        sign=sign,
+                    )
+                ),
+            )
+            return
+        finfo = np.finfo(x2d.dtype)
+        common = (
+            x2d,
+            g2d,
+            m2d,
+            s,
+            kpr,
+            scaled,
+            plan["pom_ptr"],
+            plan["pom_kernels"],
+            coll.pom_ptr is None,
+            plan["pom_type"],
+            plan["codes"],
+        )
+        hyper = (
+            float(lr),
+            float(momentum),
+            float(dampening),
+            bool(nesterov),
+            sign,
+            float(weight_decay),
+            bool(adaptive),
+            use_mom,
+            bool(first),
+            bool(check),
+            float(finfo.eps),
+            float(finfo.tiny),
+        )
+        if plan["path"] == "soa":
+            chunk, args = _soa_chunk, (*common, plan["blocks"], plan["cap"])
+        else:
+            chunk, args = _aos_chunk, common
+        args = (*args, plan["geo"], *hyper)
+        self.phases = [(lambda c, parts: int(chunk(c, *args, parts)), True)]
+
+    def _init_3x3(self, coll, plan, x, g, m, s, scaled, use_mom, adaptive, check, hp):
+        """Phases of the 3x3 path: see ``_fused3x3``."""
+        kpr, num_k = coll.kernels_per_row, coll.num_kernels
+        kidx, tcode = plan["kidx"], plan["tcode"]
+        own = coll.pom_ptr is None  # one kernel per POM: each kernel is its own Eq. (7) unit
+        coupled = not own and (adaptive or check)
+        pfac = np.ones(1 if own else coll.num_poms, x.dtype)
+
+        def update(c, parts):
+            k0, k1 = _bounds(num_k, c, parts)
+            args = (x, g, m, s, kpr, scaled, kidx, tcode, pfac, own, k0, k1, hp)
+            skipped = _fused3x3.pass2(*args, adaptive, use_mom, check)
+            return 0 if coupled else skipped  # coupled: counted per POM by ``factors``
+
+        if not coupled:
+            self.phases = [(update, True)]
+            return
+        partials: list[np.ndarray] = []
+
+        def norms(c, parts):
+            k0, k1 = _bounds(num_k, c, parts)
+            _fused3x3.pass1(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, partials[c])
+            return 0
+
+        def factors(c, parts):
+            return _fused3x3.pom_factors(np.stack(partials), adaptive, check, pfac)
+
+        def prepare(parts):
+            partials[:] = [np.zeros(coll.num_poms) for _ in range(parts)]
+
+        self.prepare = prepare
+        self.phases = [(norms, True), (factors, False), (update, True)]
+
+    def prepare(self, parts: int) -> None:
+        """Called by ``run_jobs`` with the number of pieces of a split phase."""
+
+
+def run_jobs(jobs: list[FusedJob], threads: int | None = None) -> int:
+    """Run the fused steps of ``jobs`` together; returns the number of skipped POMs.
+
+    Every phase is cut into pieces of about ``PIECE_NUMEL`` entries (a small layer is one
+    piece), largest first, and the threads pull pieces from a shared queue until it is empty.
+    Pulling rather than a fixed split matters on small machines: after each parallel torch op,
+    torch's OpenMP workers keep spinning on their cores for milliseconds, and a thread that
+    shares a core with one of them runs at half speed.
+    """
+    threads = max(1, torch.get_num_threads() if threads is None else threads)
+    for job in jobs:
+        job.parts = max(1, job.numel // PIECE_NUMEL) if threads > 1 else 1
+        job.prepare(job.parts)
+    skipped = 0
+    for phase in range(max((len(j.phases) for j in jobs), default=0)):
+        pieces = []
+        for job in jobs:
+            if phase < len(job.phases):
+                fn, split = job.phases[phase]
+                parts = job.parts if split else 1
+                pieces += [(job.numel // parts, fn, c, parts) for c in range(parts)]
+        pieces.sort(key=lambda piece: -piece[0])
+        queue = iter(pieces)
+        lock = threading.Lock()
+
+        def worker(queue=queue, lock=lock) -> int:
+            total = 0
+            while True:
+                with lock:
+                    piece = next(queue, None)
+                if piece is None:
+                    return total
+                _, fn, c, parts = piece
+                total += int(fn(c, parts))
+
+        skipped += sum(_parallel([worker] * min(threads, len(pieces))))
+    return skipped
+
+
+def fused_collection_step(coll, x2d, g2d, m2d, **hyper) -> int:
+    """Run the fused step of one collection in place on ``(K, n)`` arrays (see ``FusedJob``);
+    returns the number of skipped POMs. ``m2d`` is the momentum buffer in unit coordinates,
+    or ``None`` without momentum."""
+    return run_jobs([FusedJob(coll, x2d, g2d, m2d, **hyper)])
 
 
 def fused_supported(coll) -> bool:
     """True when every manifold of the collection has a fused implementation."""
     # A subclass that overrides the maths without declaring its own code must not be fused.
     return AVAILABLE and all(type(m).__dict__.get("fused_code") is not None for m in coll.manifolds)
+
+
+if numba is not None:  # the 3x3 kernels share the helpers above
+    from . import _fused3x3

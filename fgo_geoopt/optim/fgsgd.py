@@ -294,9 +294,13 @@ def fgsgd(
         skipped = skipped + _plain_step(
             plain, state, lr, momentum, dampening, weight_decay, nesterov, maximize, check
         )
+    jobs: list[_fused.FusedJob] = []
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     for p in colls:
         skipped = skipped + _collection_step(
             p,
+            jobs,
+            copies,
             state,
             lr=lr,
             momentum=momentum,
@@ -308,6 +312,10 @@ def fgsgd(
             check=check,
             backend=backend,
         )
+    if jobs:  # the fused layers of the group run together: one hand-out to the threads
+        skipped = skipped + _fused.run_jobs(jobs)
+        for p, x in copies:
+            p.copy_(x)
     for p in other:
         skipped = skipped + _generic_step(
             p, state, lr, momentum, dampening, nesterov, maximize, adaptive_step, check
@@ -363,7 +371,20 @@ def _plain_step(params, state, lr, momentum, dampening, weight_decay, nesterov, 
 
 
 def _collection_step(
-    p, state, *, lr, momentum, dampening, nesterov, maximize, weight_decay, adaptive, check, backend
+    p,
+    jobs,
+    copies,
+    state,
+    *,
+    lr,
+    momentum,
+    dampening,
+    nesterov,
+    maximize,
+    weight_decay,
+    adaptive,
+    check,
+    backend,
 ):
     coll: KernelCollection = p.manifold
     st = state[p]
@@ -400,19 +421,21 @@ def _collection_step(
     }
     if not use_fused:
         return batched_collection_step(coll, p, p.grad, buf, **hyper)
-    contiguous = p.is_contiguous()
-    x = p if contiguous else p.contiguous()
+    # Queued: ``fgsgd`` runs the fused steps of all the group's layers together.
+    x = p if p.is_contiguous() else p.contiguous()
     g = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
-    skipped = _fused.fused_collection_step(
-        coll,
-        x.detach().view(k, n).numpy(),
-        g.detach().view(k, n).numpy(),
-        None if buf is None else buf.numpy(),
-        **hyper,
+    jobs.append(
+        _fused.FusedJob(
+            coll,
+            x.detach().view(k, n).numpy(),
+            g.detach().view(k, n).numpy(),
+            None if buf is None else buf.numpy(),
+            **hyper,
+        )
     )
-    if not contiguous:
-        p.copy_(x)
-    return skipped
+    if x is not p:
+        copies.append((p, x))
+    return 0
 
 
 def _generic_step(p, state, lr, momentum, dampening, nesterov, maximize, adaptive, check):

@@ -1,0 +1,419 @@
+"""Fused CPU step for 3x3 spatial kernels, the bulk of a ResNet's constrained weights.
+
+Kernels are visited in memory order, a tile of ``TILE`` kernels at a time: the tile is
+transposed into entry-major buffers (entry ``j`` of every kernel contiguous), then one loop over
+the kernels of the tile does the whole update with the nine entries in registers, which the
+compiler vectorises across kernels. The four built-in manifolds share one formulation, so a
+tile mixing them (a PIO layer) needs no branches:
+
+* the normal part of a vector ``V`` at a point ``X`` (both ``3 x 3``, ``X[r, c] = x[3 r + c]``,
+  columns are the manifold's columns) is ``X N`` with ``N`` built from ``C = X^T V``:
+  ``N = tr(C) I`` on the sphere, ``diag(C)`` on the oblique manifold, ``sym(C)`` on Stiefel and
+  ``0`` in Euclidean space; the tangent projection is ``V - X N``;
+* the retraction scales the columns: by one norm on the sphere, by their own norms on the
+  oblique manifold, and after two Gram-Schmidt passes (CGS2, the projections masked to zero on
+  the other manifolds) on Stiefel.
+
+Kernels whose retraction degenerates (a zero column) are redone with the general code of
+``_fused``. Eq. (7) couples the kernels of a POM, so a layer whose POMs hold several kernels
+takes three passes: squared gradient norms per kernel (``pass1``), one step factor per POM
+(``pom_factors``), and the update (``pass2``). One-kernel POMs fold all of it into ``pass2``.
+Tests keep this path equal to ``reference.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from ._fused import (
+    EUCLIDEAN,
+    SPHERE,
+    STIEFEL,
+    _jit,
+    _soa_gram_schmidt,
+    _soa_normalize_columns,
+    _soa_project,
+    _soa_rgrad,
+)
+
+__all__ = ["TILE", "hyper_array", "pass1", "pass2", "pom_factors"]
+
+#: Kernels per tile: the five entry-major tile buffers stay in the L1 cache.
+TILE = 128
+
+_jit_fm = dict(_jit, fastmath={"reassoc", "contract"})
+_inline = dict(_jit_fm, inline="always")
+
+# Layout of the hyper-parameter array, in the parameter's dtype so that no float64 enters the
+# vectorised loops.
+(
+    _LR,
+    _C_OLD,
+    _C_NEW,
+    _A_R,
+    _A_B,
+    _WD,
+    _SIGN,
+    _EPS,
+    _TINY,
+    _ZERO,
+    _HALF,
+    _ONE,
+    _TWO,
+    _TINY2,
+    _EPS16SQ,
+) = range(15)
+
+
+def hyper_array(dtype, *, lr, c_old, c_new, a_r, a_b, weight_decay, sign) -> np.ndarray:
+    """The step's scalars and constants; ``tiny**2`` is 0, so a zero norm is what degenerates."""
+    eps, tiny = float(np.finfo(dtype).eps), float(np.finfo(dtype).tiny)
+    values = [lr, c_old, c_new, a_r, a_b, weight_decay, sign, eps, tiny, 0.0, 0.5, 1.0, 2.0]
+    return np.array([*values, tiny * tiny, (16.0 * eps) ** 2], dtype=dtype)
+
+
+@njit(**_inline)
+def _normal(tp, zero, half, x, v):
+    """``N`` of the normal part ``X N`` of ``v``, as ``(n00, n11, n22, n01, n02, n12)``."""
+    c00 = x[0] * v[0] + x[3] * v[3] + x[6] * v[6]
+    c11 = x[1] * v[1] + x[4] * v[4] + x[7] * v[7]
+    c22 = x[2] * v[2] + x[5] * v[5] + x[8] * v[8]
+    tr = c00 + c11 + c22
+    sp, st, eu = tp == SPHERE, tp == STIEFEL, tp == EUCLIDEAN
+    n00 = tr if sp else (zero if eu else c00)
+    n11 = tr if sp else (zero if eu else c11)
+    n22 = tr if sp else (zero if eu else c22)
+    n01 = (x[0] * v[1] + x[3] * v[4] + x[6] * v[7] + x[1] * v[0] + x[4] * v[3] + x[7] * v[6]) * half
+    n02 = (x[0] * v[2] + x[3] * v[5] + x[6] * v[8] + x[2] * v[0] + x[5] * v[3] + x[8] * v[6]) * half
+    n12 = (x[1] * v[2] + x[4] * v[5] + x[7] * v[8] + x[2] * v[1] + x[5] * v[4] + x[8] * v[7]) * half
+    return n00, n11, n22, n01 if st else zero, n02 if st else zero, n12 if st else zero
+
+
+@njit(**_inline)
+def _minus_xn(v, x, n):
+    """``V - X N`` for the symmetric ``N`` given as ``(n00, n11, n22, n01, n02, n12)``."""
+    n00, n11, n22, n01, n02, n12 = n
+    return (
+        v[0] - (x[0] * n00 + x[1] * n01 + x[2] * n02),
+        v[1] - (x[0] * n01 + x[1] * n11 + x[2] * n12),
+        v[2] - (x[0] * n02 + x[1] * n12 + x[2] * n22),
+        v[3] - (x[3] * n00 + x[4] * n01 + x[5] * n02),
+        v[4] - (x[3] * n01 + x[4] * n11 + x[5] * n12),
+        v[5] - (x[3] * n02 + x[4] * n12 + x[5] * n22),
+        v[6] - (x[6] * n00 + x[7] * n01 + x[8] * n02),
+        v[7] - (x[6] * n01 + x[7] * n11 + x[8] * n12),
+        v[8] - (x[6] * n02 + x[7] * n12 + x[8] * n22),
+    )
+
+
+@njit(**_inline)
+def _rgrad(tp, zero, half, wd, x, g):
+    """Riemannian gradient in unit coordinates; weight decay on Euclidean kernels only."""
+    r = _minus_xn(g, x, _normal(tp, zero, half, x, g))
+    e = wd if tp == EUCLIDEAN else zero
+    return (
+        r[0] + e * x[0],
+        r[1] + e * x[1],
+        r[2] + e * x[2],
+        r[3] + e * x[3],
+        r[4] + e * x[4],
+        r[5] + e * x[5],
+        r[6] + e * x[6],
+        r[7] + e * x[7],
+        r[8] + e * x[8],
+    )
+
+
+@njit(**_inline)
+def _scale9(a, v):
+    return (
+        a * v[0],
+        a * v[1],
+        a * v[2],
+        a * v[3],
+        a * v[4],
+        a * v[5],
+        a * v[6],
+        a * v[7],
+        a * v[8],
+    )
+
+
+@njit(**_inline)
+def _col(v, c):
+    return v[c], v[c + 3], v[c + 6]
+
+
+@njit(**_inline)
+def _dot3(a, b):
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+
+
+@njit(**_inline)
+def _axpy3(a, u, v):
+    """``v - a u`` on 3-vectors."""
+    return v[0] - a * u[0], v[1] - a * u[1], v[2] - a * u[2]
+
+
+@njit(**_inline)
+def _scale3(a, v):
+    return a * v[0], a * v[1], a * v[2]
+
+
+@njit(**_inline)
+def _retract(tp, zero, one, tiny2, eps16sq, y):
+    """Retraction of the moved kernel ``y``; returns the new point and whether it degenerated."""
+    sp, st, eu = tp == SPHERE, tp == STIEFEL, tp == EUCLIDEAN
+    y0, y1, y2 = _col(y, 0), _col(y, 1), _col(y, 2)
+    q0, q1, q2 = _dot3(y0, y0), _dot3(y1, y1), _dot3(y2, y2)
+    qq = q0 + q1 + q2
+    f0 = one if eu else one / np.sqrt(qq if sp else q0)
+    u0 = _scale3(f0, y0)
+    for _ in range(2):  # CGS2: two passes against the normalised previous columns
+        d = _dot3(u0, y1)
+        y1 = _axpy3(d if st else zero, u0, y1)
+    p1 = _dot3(y1, y1)
+    f1 = one if eu else one / np.sqrt(qq if sp else p1)
+    u1 = _scale3(f1, y1)
+    for _ in range(2):
+        d = _dot3(u0, y2)
+        y2 = _axpy3(d if st else zero, u0, y2)
+        d = _dot3(u1, y2)
+        y2 = _axpy3(d if st else zero, u1, y2)
+    p2 = _dot3(y2, y2)
+    f2 = one if eu else one / np.sqrt(qq if sp else p2)
+    u2 = _scale3(f2, y2)
+    if st:  # as ``orthonormalize``: a column that lost (almost) everything is degenerate
+        bad = not (
+            q0 > eps16sq * max(q0, one)
+            and p1 > eps16sq * max(q1, one)
+            and p2 > eps16sq * max(q2, one)
+        )
+    elif sp:
+        bad = not qq > tiny2
+    else:
+        bad = not eu and not (q0 > tiny2 and q1 > tiny2 and q2 > tiny2)
+    out = (u0[0], u1[0], u2[0], u0[1], u1[1], u2[1], u0[2], u1[2], u2[2])
+    return out, bad
+
+
+@njit(**_jit)
+def _load_tile(x, g, s, kpr, scaled, kidx, tcode, t0, nt, sign, X, G, typ):
+    """Unit coordinates of ``nt`` kernels from ``t0`` into the entry-major buffers."""
+    for i in range(nt):
+        k = t0 + i
+        tp = tcode[kidx[k]]
+        typ[i] = tp
+        if scaled and tp != EUCLIDEAN:
+            off = (k % kpr) * 9
+            for j in range(9):
+                sv = s[off + j]
+                X[j, i] = x[k, j] / sv
+                G[j, i] = sign * g[k, j] * sv
+        else:
+            for j in range(9):
+                X[j, i] = x[k, j]
+                G[j, i] = sign * g[k, j]
+
+
+@njit(**_inline)
+def _lane(B, i):
+    return (B[0, i], B[1, i], B[2, i], B[3, i], B[4, i], B[5, i], B[6, i], B[7, i], B[8, i])
+
+
+@njit(**_inline)
+def _store(B, i, v):
+    # constant indices: a loop over a tuple would keep it in memory and stop vectorisation
+    B[0, i], B[1, i], B[2, i], B[3, i], B[4, i] = v[0], v[1], v[2], v[3], v[4]
+    B[5, i], B[6, i], B[7, i], B[8, i] = v[5], v[6], v[7], v[8]
+
+
+@njit(**_inline)
+def _sqnorm(r):
+    return (r[0] * r[0] + r[1] * r[1] + r[2] * r[2] + r[3] * r[3] + r[4] * r[4]) + (
+        r[5] * r[5] + r[6] * r[6] + r[7] * r[7] + r[8] * r[8]
+    )
+
+
+@njit(**_jit_fm)
+def pass1(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, r2):
+    """Squared Riemannian gradient norms of the kernels in ``[k0, k1)``, summed per POM
+    (``kidx``) into ``r2``."""
+    dt = x.dtype
+    X = np.empty((9, TILE), dt)
+    G = np.empty((9, TILE), dt)
+    typ = np.empty(TILE, np.int8)
+    sq = np.empty(TILE, dt)
+    wd, sign, zero, half = hp[_WD], hp[_SIGN], hp[_ZERO], hp[_HALF]
+    for t0 in range(k0, k1, TILE):
+        nt = min(TILE, k1 - t0)
+        _load_tile(x, g, s, kpr, scaled, kidx, tcode, t0, nt, sign, X, G, typ)
+        for i in range(nt):
+            r = _rgrad(typ[i], zero, half, wd, _lane(X, i), _lane(G, i))
+            sq[i] = _sqnorm(r)
+        for i in range(nt):
+            r2[kidx[t0 + i]] += sq[i]
+
+
+@njit(**_jit)
+def pom_factors(partials, adaptive, check, out):
+    """Eq. (7) factor ``1 / tau`` of every POM from the per-piece sums of ``pass1`` into
+    ``out`` (``-1``: a non-finite norm, the POM is skipped); returns the skipped count."""
+    skipped = 0
+    for p in range(partials.shape[1]):
+        r2 = 0.0
+        for c in range(partials.shape[0]):
+            r2 += partials[c, p]
+        factor = 1.0
+        if check and not math.isfinite(r2):
+            factor = -1.0
+            skipped += 1
+        elif adaptive:
+            big_r = math.sqrt(r2)
+            tau = big_r * (2.0 + big_r)  # Eq. (7), Ozay 2019
+            if tau > 1.0:
+                factor = 1.0 / tau
+        out[p] = factor
+    return skipped
+
+
+@njit(**_jit)
+def _redo_lane(i, code, X, G, M, XO, MO, factor, hp, use_mom):
+    """One kernel with the general structure-of-arrays code (degenerate retractions)."""
+    dt = X.dtype
+    X1 = X[:, i : i + 1].copy()
+    R1 = np.empty((9, 1), dt)
+    M1 = M[:, i : i + 1].copy()
+    C1 = np.empty((9, 1), dt)
+    sq = np.empty(1, np.float64)
+    ncol, nrow, cst, est = (1, 9, 0, 1) if code == SPHERE else (3, 3, 1, 3)
+    _soa_rgrad(code, X1, G[:, i : i + 1].copy(), R1, C1, sq, 1, ncol, nrow, cst, est)
+    for j in range(9):
+        r = R1[j, 0] * factor
+        if use_mom:
+            b = hp[_C_OLD] * M1[j, 0] + hp[_C_NEW] * r
+            M1[j, 0] = b
+            X1[j, 0] = X1[j, 0] - hp[_LR] * (hp[_A_R] * r + hp[_A_B] * b)
+        else:
+            X1[j, 0] = X1[j, 0] - hp[_LR] * r
+    if code == STIEFEL:
+        _soa_gram_schmidt(X1, C1, 1, ncol, nrow, cst, est, hp[_EPS])
+    else:
+        _soa_normalize_columns(X1, C1, 1, ncol, nrow, cst, est, hp[_TINY])
+    if use_mom:
+        _soa_project(code, X1, M1, M1, C1, 1, ncol, nrow, cst, est)
+    for j in range(9):
+        XO[j, i] = X1[j, 0]
+        MO[j, i] = M1[j, 0]
+
+
+@njit(**_jit_fm)
+def pass2(x, g, m, s, kpr, scaled, kidx, tcode, pfac, own, k0, k1, hp, adaptive, use_mom, check):
+    """The update of the kernels in ``[k0, k1)``; returns the number of skipped kernels.
+
+    ``own``: every kernel is its own POM, and its step factor comes from its own gradient;
+    otherwise from ``pfac`` per POM (``pom_factors``).
+    """
+    dt = x.dtype
+    X = np.empty((9, TILE), dt)
+    G = np.empty((9, TILE), dt)
+    M = np.empty((9, TILE), dt)
+    XO = np.empty((9, TILE), dt)
+    MO = np.empty((9, TILE), dt)
+    typ = np.empty(TILE, np.int8)
+    fac = np.empty(TILE, dt)
+    bad = np.empty(TILE, np.bool_)
+    lr, c_old, c_new, a_r, a_b = hp[_LR], hp[_C_OLD], hp[_C_NEW], hp[_A_R], hp[_A_B]
+    wd, sign, zero, half, one, two = hp[_WD], hp[_SIGN], hp[_ZERO], hp[_HALF], hp[_ONE], hp[_TWO]
+    tiny2, eps16sq = hp[_TINY2], hp[_EPS16SQ]
+    skipped = 0
+    for t0 in range(k0, k1, TILE):
+        nt = min(TILE, k1 - t0)
+        _load_tile(x, g, s, kpr, scaled, kidx, tcode, t0, nt, sign, X, G, typ)
+        for i in range(nt):
+            if use_mom:
+                for j in range(9):
+                    M[j, i] = m[t0 + i, j]
+            if not own:
+                fac[i] = pfac[kidx[t0 + i]]
+        for i in range(nt):
+            tp = typ[i]
+            xi = _lane(X, i)
+            r = _rgrad(tp, zero, half, wd, xi, _lane(G, i))
+            if own:
+                sq = _sqnorm(r)
+                big_r = np.sqrt(sq)
+                tau = big_r * (two + big_r)  # Eq. (7), Ozay 2019
+                f = one / tau if adaptive and tau > one else one
+                fac[i] = -one if check and not np.isfinite(sq) else f
+            r = _scale9(fac[i], r)
+            if use_mom:
+                mi = _lane(M, i)
+                b = (
+                    c_old * mi[0] + c_new * r[0],
+                    c_old * mi[1] + c_new * r[1],
+                    c_old * mi[2] + c_new * r[2],
+                    c_old * mi[3] + c_new * r[3],
+                    c_old * mi[4] + c_new * r[4],
+                    c_old * mi[5] + c_new * r[5],
+                    c_old * mi[6] + c_new * r[6],
+                    c_old * mi[7] + c_new * r[7],
+                    c_old * mi[8] + c_new * r[8],
+                )
+                y = (
+                    xi[0] - lr * (a_r * r[0] + a_b * b[0]),
+                    xi[1] - lr * (a_r * r[1] + a_b * b[1]),
+                    xi[2] - lr * (a_r * r[2] + a_b * b[2]),
+                    xi[3] - lr * (a_r * r[3] + a_b * b[3]),
+                    xi[4] - lr * (a_r * r[4] + a_b * b[4]),
+                    xi[5] - lr * (a_r * r[5] + a_b * b[5]),
+                    xi[6] - lr * (a_r * r[6] + a_b * b[6]),
+                    xi[7] - lr * (a_r * r[7] + a_b * b[7]),
+                    xi[8] - lr * (a_r * r[8] + a_b * b[8]),
+                )
+            else:
+                b = r
+                y = (
+                    xi[0] - lr * r[0],
+                    xi[1] - lr * r[1],
+                    xi[2] - lr * r[2],
+                    xi[3] - lr * r[3],
+                    xi[4] - lr * r[4],
+                    xi[5] - lr * r[5],
+                    xi[6] - lr * r[6],
+                    xi[7] - lr * r[7],
+                    xi[8] - lr * r[8],
+                )
+            _store(XO, i, y)
+            if use_mom:
+                _store(MO, i, b)
+        # second loop (fewer live values): retraction and transport
+        for i in range(nt):
+            tp = typ[i]
+            xn, bad[i] = _retract(tp, zero, one, tiny2, eps16sq, _lane(XO, i))
+            _store(XO, i, xn)
+            if use_mom:  # transport: project the buffer onto the new tangent space
+                b = _lane(MO, i)
+                _store(MO, i, _minus_xn(b, xn, _normal(tp, zero, half, xn, b)))
+        for i in range(nt):
+            if bad[i] and fac[i] >= 0:
+                _redo_lane(i, typ[i], X, G, M, XO, MO, fac[i], hp, use_mom)
+        for i in range(nt):
+            if fac[i] < 0:  # skipped: weights and buffer unchanged
+                skipped += 1
+                continue
+            k = t0 + i
+            if scaled and typ[i] != EUCLIDEAN:
+                off = (k % kpr) * 9
+                for j in range(9):
+                    x[k, j] = XO[j, i] * s[off + j]
+            else:
+                for j in range(9):
+                    x[k, j] = XO[j, i]
+            if use_mom:
+                for j in range(9):
+                    m[k, j] = MO[j, i]
+    return skipped
