@@ -718,9 +718,17 @@ def _plan(coll) -> dict:
         "pom_type": pom_type,
         "pom_ptr": _DUMMY_I32 if coll.pom_ptr is None else coll.pom_ptr.numpy(),
         "pom_kernels": _DUMMY_I32 if coll.pom_kernels is None else coll.pom_kernels.numpy(),
-        "path": "3x3" if coll.kernel_shape == (3, 3) else "soa" if n <= SOA_MAX_NUMEL else "aos",
+        "path": (
+            "3x3"
+            if coll.kernel_shape == (3, 3)
+            else "columns"
+            if min(a, b) == 1
+            else "soa"
+            if n <= SOA_MAX_NUMEL
+            else "aos"
+        ),
     }
-    if plan["path"] == "3x3":
+    if plan["path"] in ("3x3", "columns"):
         # Per kernel, in memory order: its POM (two bytes while there are at most 65,536
         # POMs), or with one kernel per POM its manifold (one byte); ``tcode`` maps either
         # to the manifold code.
@@ -792,8 +800,9 @@ class FusedJob:
         c_old, c_new = (0.0, 1.0) if first else (momentum, 1.0 - dampening)
         a_r, a_b = (1.0, momentum) if nesterov else (0.0, 1.0)
         sign = -1.0 if maximize else 1.0
-        if plan["path"] == "3x3":
-            self._init_3x3(
+        if plan["path"] in ("3x3", "columns"):
+            self._init_in_order(
+                _fused3x3 if plan["path"] == "3x3" else _fused_columns,
                 coll,
                 plan,
                 x2d,
@@ -853,8 +862,8 @@ class FusedJob:
         args = (*args, plan["geo"], *hyper)
         self.phases = [(lambda c, parts: int(chunk(c, *args, parts)), True)]
 
-    def _init_3x3(self, coll, plan, x, g, m, s, scaled, use_mom, adaptive, check, hp):
-        """Phases of the 3x3 path: see ``_fused3x3``."""
+    def _init_in_order(self, module, coll, plan, x, g, m, s, scaled, use_mom, adaptive, check, hp):
+        """Phases of the paths in memory order (``_fused3x3``, ``_fused_columns``)."""
         kpr, num_k = coll.kernels_per_row, coll.num_kernels
         kidx, tcode = plan["kidx"], plan["tcode"]
         own = coll.pom_ptr is None  # one kernel per POM: each kernel is its own Eq. (7) unit
@@ -864,7 +873,7 @@ class FusedJob:
         def update(c, parts):
             k0, k1 = _bounds(num_k, c, parts)
             args = (x, g, m, s, kpr, scaled, kidx, tcode, pfac, own, k0, k1, hp)
-            skipped = _fused3x3.pass2(*args, adaptive, use_mom, check)
+            skipped = module.pass2(*args, adaptive, use_mom, check)
             return 0 if coupled else skipped  # coupled: counted per POM by ``factors``
 
         if not coupled:
@@ -874,7 +883,7 @@ class FusedJob:
 
         def norms(c, parts):
             k0, k1 = _bounds(num_k, c, parts)
-            _fused3x3.pass1(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, partials[c])
+            module.pass1(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, partials[c])
             return 0
 
         def factors(c, parts):
@@ -942,5 +951,5 @@ def fused_supported(coll) -> bool:
     return AVAILABLE and all(type(m).__dict__.get("fused_code") is not None for m in coll.manifolds)
 
 
-if numba is not None:  # the 3x3 kernels share the helpers above
-    from . import _fused3x3
+if numba is not None:  # the paths in memory order share the helpers above
+    from . import _fused3x3, _fused_columns
