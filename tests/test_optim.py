@@ -163,7 +163,7 @@ def _run_against_reference(grouping, config, backends, *, steps, device="cpu", l
             for i, p in enumerate(params):
                 err = (p.detach() - ref_w[i]).abs().max().item()
                 if hyper["momentum"]:
-                    buf = opt.state[p]["momentum_buffer"]
+                    buf = opt.momentum_buffer(p)
                     err = max(err, (buf.reshape(ref_b[i].shape) - ref_b[i]).abs().max().item())
                 worst[backend] = max(worst[backend], err)
     return worst
@@ -229,7 +229,7 @@ def test_eq7_bounds_every_pom_buffer_and_euclidean_step(backend):
             before = p.detach().clone()
             p.grad = 1e3 * _kernel_grad(coll, gen)
             opt.step()
-            buf_norm = _per_pom_norm(coll, opt.state[p]["momentum_buffer"])
+            buf_norm = _per_pom_norm(coll, opt.momentum_buffer(p))
             move = _per_pom_norm(coll, p.detach() - before)[euclid]
             worst_buf = max(worst_buf, buf_norm.max().item())
             worst_move = max(worst_move, move.max().item())
@@ -309,7 +309,7 @@ def test_other_geoopt_manifolds_stay_on_them():
             opt.step()
             for p in params:
                 p.manifold.assert_check_point_on_manifold(p.detach(), atol=1e-10, rtol=0)
-                buf = opt.state[p]["momentum_buffer"]
+                buf = opt.momentum_buffer(p)
                 p.manifold.assert_check_vector_on_tangent(p.detach(), buf, atol=1e-10, rtol=0)
         finals.append([p.detach().clone() for p in params])
     # Weight decay is an L2 pull; it never applies to a constrained manifold.
@@ -382,7 +382,7 @@ def test_resume_runs_in_lock_step(backend, tmp_path):
     for (name, a), b in zip(net.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     for a, b in zip(net.parameters(), fresh.parameters(), strict=True):
-        assert torch.equal(opt.state[a]["momentum_buffer"], fresh_opt.state[b]["momentum_buffer"])
+        assert torch.equal(opt.momentum_buffer(a), fresh_opt.momentum_buffer(b))
     assert opt.param_groups[0]["step"] == fresh_opt.param_groups[0]["step"] == 9
 
 
@@ -505,14 +505,14 @@ def test_skip_policy_leaves_affected_pom_and_parameter_untouched(backend, bad_va
         q.grad = g
     opt.step()
     before = [q.detach().clone() for q in params]
-    bufs = [opt.state[q]["momentum_buffer"].clone() for q in params]
+    bufs = [opt.momentum_buffer(q).clone() for q in params]
     for q, g in zip(params, bad, strict=True):
         q.grad = g
     opt.step()
     coll = p.manifold
     in_pom = (coll.kernel_pom == coll.kernel_pom[2 * 4 + 1]).view(-1, 1)
     kx, kx0 = p.detach().reshape(coll.num_kernels, -1), before[0].reshape(coll.num_kernels, -1)
-    buf = opt.state[p]["momentum_buffer"]
+    buf = opt.momentum_buffer(p)
     assert torch.equal(torch.where(in_pom, kx, kx0), kx0)  # the POM is untouched ...
     assert torch.equal(torch.where(in_pom, buf, bufs[0]), bufs[0])
     assert bool((kx != kx0).any(dim=1)[~in_pom.view(-1)].all())  # ... and only that POM
@@ -522,7 +522,7 @@ def test_skip_policy_leaves_affected_pom_and_parameter_untouched(backend, bad_va
     assert opt.nonfinite_count == 2  # one POM, one plain parameter
     for q in params:
         assert bool(torch.isfinite(q).all())
-        assert bool(torch.isfinite(opt.state[q]["momentum_buffer"]).all())
+        assert bool(torch.isfinite(opt.momentum_buffer(q)).all())
     assert not _violations(p, atol=1e-12)
 
 
@@ -534,7 +534,7 @@ def test_skip_on_the_first_step_leaves_a_zero_buffer(backend):
     opt.step()
     coll = p.manifold
     in_pom = (coll.kernel_pom == coll.kernel_pom[2 * 4 + 1]).view(-1, 1)
-    buf = opt.state[p]["momentum_buffer"]
+    buf = opt.momentum_buffer(p)
     assert torch.equal(buf[in_pom.view(-1)], torch.zeros_like(buf[in_pom.view(-1)]))
     kx = p.detach().reshape(coll.num_kernels, -1)
     assert torch.equal(kx[in_pom.view(-1)], start.reshape(coll.num_kernels, -1)[in_pom.view(-1)])
@@ -597,7 +597,7 @@ def test_none_policy_lets_nan_through(backend):
     kernel = 2 * 4 + 1
     assert opt.nonfinite_count == 0
     assert bool(torch.isnan(plain).any())
-    assert not bool(torch.isfinite(opt.state[p]["momentum_buffer"][kernel]).all())
+    assert not bool(torch.isfinite(opt.momentum_buffer(p)[kernel]).all())
     other = (coll.kernel_pom != coll.kernel_pom[kernel]).view(-1)
     kx = p.detach().reshape(coll.num_kernels, -1)
     kx_skip = results["skip"][0].detach().reshape(coll.num_kernels, -1)
@@ -730,7 +730,7 @@ def test_stabilize_reprojects_every_n_steps(backend):
     torch.testing.assert_close(idle.detach(), idle.manifold.projx(perturbed[0]))
     sphere.assert_check_point_on_manifold(idle_sphere.detach(), atol=1e-12, rtol=0)
     assert not _violations(stepped, atol=1e-12)
-    buf = opt.state[stepped]["momentum_buffer"]
+    buf = opt.momentum_buffer(stepped)
     torch.testing.assert_close(buf, stepped.manifold.unit_proju(stepped, buf), rtol=0, atol=1e-14)
 
 

@@ -24,13 +24,22 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ._layout import TILE
+
 try:  # numba is a declared dependency, but the library keeps working without it
     import numba
     from numba import njit
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
-__all__ = ["AVAILABLE", "FusedJob", "fused_collection_step", "fused_supported", "run_jobs"]
+__all__ = [
+    "AVAILABLE",
+    "FusedJob",
+    "buffer_layout",
+    "fused_collection_step",
+    "fused_supported",
+    "run_jobs",
+]
 
 AVAILABLE = numba is not None and os.environ.get("FGO_DISABLE_NUMBA", "0") != "1"
 
@@ -40,7 +49,7 @@ SOA_MAX_NUMEL = 64
 #: Target number of kernels in one block of the structure-of-arrays path.
 BLOCK_KERNELS = 256
 #: Entries per piece of work handed to a thread (smaller layers are one piece).
-PIECE_NUMEL = 1 << 17
+PIECE_NUMEL = 1 << 19
 
 if numba is not None:
     _jit = {"cache": True, "nogil": True, "error_model": "numpy"}
@@ -870,8 +879,10 @@ class FusedJob:
         coupled = not own and (adaptive or check)
         pfac = np.ones(1 if own else coll.num_poms, x.dtype)
 
+        align = TILE if module is _fused3x3 else 16  # the tiles of the 3x3 buffers
+
         def update(c, parts):
-            k0, k1 = _bounds(num_k, c, parts)
+            k0, k1 = _bounds(num_k, c, parts, align)
             args = (x, g, m, s, kpr, scaled, kidx, tcode, pfac, own, k0, k1, hp)
             skipped = module.pass2(*args, adaptive, use_mom, check)
             return 0 if coupled else skipped  # coupled: counted per POM by ``factors``
@@ -882,7 +893,7 @@ class FusedJob:
         partials: list[np.ndarray] = []
 
         def norms(c, parts):
-            k0, k1 = _bounds(num_k, c, parts)
+            k0, k1 = _bounds(num_k, c, parts, align)
             module.pass1(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, partials[c])
             return 0
 
@@ -941,8 +952,14 @@ def run_jobs(jobs: list[FusedJob], threads: int | None = None) -> int:
 def fused_collection_step(coll, x2d, g2d, m2d, **hyper) -> int:
     """Run the fused step of one collection in place on ``(K, n)`` arrays (see ``FusedJob``);
     returns the number of skipped POMs. ``m2d`` is the momentum buffer in unit coordinates,
-    or ``None`` without momentum."""
+    in the layout ``buffer_layout(coll)``, or ``None`` without momentum."""
     return run_jobs([FusedJob(coll, x2d, g2d, m2d, **hyper)])
+
+
+def buffer_layout(coll) -> int | None:
+    """Layout the fused step keeps the momentum buffer of ``coll`` in: the tile size for 3x3
+    kernels (see ``_layout.to_tiles``), ``None`` for the plain ``(K, n)`` layout."""
+    return TILE if AVAILABLE and coll.kernel_shape == (3, 3) else None
 
 
 def fused_supported(coll) -> bool:

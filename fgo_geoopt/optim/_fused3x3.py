@@ -38,11 +38,10 @@ from ._fused import (
     _soa_project,
     _soa_rgrad,
 )
+from ._layout import TILE
 
-__all__ = ["TILE", "hyper_array", "pass1", "pass2", "pom_factors"]
+__all__ = ["hyper_array", "pass1", "pass2", "pom_factors"]
 
-#: Kernels per tile: the five entry-major tile buffers stay in the L1 cache.
-TILE = 128
 
 _jit_fm = dict(_jit, fastmath={"reassoc", "contract"})
 _inline = dict(_jit_fm, inline="always")
@@ -314,6 +313,9 @@ def _redo_lane(i, code, X, G, M, XO, MO, factor, hp, use_mom):
 def pass2(x, g, m, s, kpr, scaled, kidx, tcode, pfac, own, k0, k1, hp, adaptive, use_mom, check):
     """The update of the kernels in ``[k0, k1)``; returns the number of skipped kernels.
 
+    ``k0`` is a multiple of ``TILE``, and the momentum buffer ``m`` is tile-major (see
+    ``_layout.to_tiles``).
+
     ``own``: every kernel is its own POM, and its step factor comes from its own gradient;
     otherwise from ``pfac`` per POM (``pom_factors``).
     """
@@ -329,15 +331,18 @@ def pass2(x, g, m, s, kpr, scaled, kidx, tcode, pfac, own, k0, k1, hp, adaptive,
     lr, c_old, c_new, a_r, a_b = hp[_LR], hp[_C_OLD], hp[_C_NEW], hp[_A_R], hp[_A_B]
     wd, sign, zero, half, one, two = hp[_WD], hp[_SIGN], hp[_ZERO], hp[_HALF], hp[_ONE], hp[_TWO]
     tiny2, eps16sq = hp[_TINY2], hp[_EPS16SQ]
+    mf = m.reshape(-1)
     skipped = 0
     for t0 in range(k0, k1, TILE):
         nt = min(TILE, k1 - t0)
         _load_tile(x, g, s, kpr, scaled, kidx, tcode, t0, nt, sign, X, G, typ)
-        for i in range(nt):
-            if use_mom:
-                for j in range(9):
-                    M[j, i] = m[t0 + i, j]
-            if not own:
+        if use_mom:  # the buffer is tile-major: this tile's block is (9, nt), contiguous
+            block = mf[t0 * 9 : t0 * 9 + 9 * nt]
+            for j in range(9):
+                for i in range(nt):
+                    M[j, i] = block[j * nt + i]
+        if not own:
+            for i in range(nt):
                 fac[i] = pfac[kidx[t0 + i]]
         for i in range(nt):
             tp = typ[i]
@@ -413,7 +418,8 @@ def pass2(x, g, m, s, kpr, scaled, kidx, tcode, pfac, own, k0, k1, hp, adaptive,
             else:
                 for j in range(9):
                     x[k, j] = XO[j, i]
-            if use_mom:
-                for j in range(9):
-                    m[k, j] = MO[j, i]
+        if use_mom:
+            for j in range(9):
+                for i in range(nt):
+                    block[j * nt + i] = MO[j, i] if fac[i] >= 0 else M[j, i]
     return skipped

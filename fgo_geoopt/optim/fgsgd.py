@@ -14,6 +14,7 @@ from torch.optim.sgd import sgd as _torch_sgd
 from ..collections import KernelCollection
 from . import _fused
 from ._batched import batched_collection_step
+from ._layout import from_tiles, to_tiles
 
 __all__ = ["FGSGD", "NONFINITE_POLICIES", "fgsgd"]
 
@@ -237,13 +238,47 @@ class FGSGD(RiemannianSGD):
             if manifold is None or isinstance(manifold, geoopt.Euclidean):
                 continue
             p.copy_(manifold.projx(p))
-            buf = self.state.get(p, {}).get("momentum_buffer")
+            st = self.state.get(p, {})
+            buf = _plain_buffer(st)
             if buf is None:
                 continue
             if isinstance(manifold, KernelCollection):
-                buf.copy_(manifold.unit_proju(p, buf))
+                buf = manifold.unit_proju(p, buf)
             else:
-                buf.copy_(manifold.proju(p, buf))
+                buf = manifold.proju(p, buf)
+            tiles = st.get("momentum_tiles")
+            st["momentum_buffer"].copy_(buf if tiles is None else to_tiles(buf, tiles))
+
+    def momentum_buffer(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The momentum buffer of ``p`` in its documented layout, or ``None`` before its first
+        step (or without momentum).
+
+        For a parameter on a :class:`~fgo_geoopt.KernelCollection` that is the ``(K, n)``
+        buffer in unit coordinates, one row per kernel. The fused CPU step keeps the buffers of
+        3x3 kernels tile-major in ``self.state`` (``state["momentum_tiles"]`` holds the tile
+        size; it saves transposing them every step); for those this returns a converted copy.
+        """
+        return _plain_buffer(self.state.get(p, {}))
+
+
+def _set_layout(st: dict[str, Any], tiles: int | None, convert: bool = True) -> None:
+    """Store the momentum buffer of ``st`` tile-major with ``tiles`` kernels per tile, or
+    kernel-major for ``None`` (in place: the tensor object stays)."""
+    if convert:
+        buf = st["momentum_buffer"]
+        plain = _plain_buffer(st)
+        buf.copy_(plain if tiles is None else to_tiles(plain, tiles))
+    if tiles is None:
+        st.pop("momentum_tiles", None)
+    else:
+        st["momentum_tiles"] = int(tiles)
+
+
+def _plain_buffer(st: dict[str, Any]) -> torch.Tensor | None:
+    buf = st.get("momentum_buffer")
+    if buf is not None and st.get("momentum_tiles") is not None:
+        return from_tiles(buf, st["momentum_tiles"])
+    return buf
 
 
 def _raise_if_nonfinite(params: list[torch.Tensor]) -> None:
@@ -403,10 +438,14 @@ def _collection_step(
         )
     buf = None
     if momentum != 0:
+        layout = _fused.buffer_layout(coll) if use_fused else None
         if first:
             # zeros, not empty: the fused step reads the buffer with a zero weight on the first
-            # step, and skipped POMs keep it
+            # step, and skipped POMs keep it (zeros are the same in every layout)
             st["momentum_buffer"] = torch.zeros((k, n), dtype=p.dtype, device=p.device)
+            _set_layout(st, layout, convert=False)
+        elif st.get("momentum_tiles") != layout:
+            _set_layout(st, layout)
         buf = st["momentum_buffer"]
     hyper = {
         "lr": lr,

@@ -1,0 +1,117 @@
+"""The fused CPU paths against the batched torch path: layouts, switching paths, edge cases."""
+
+from __future__ import annotations
+
+import copy
+
+import geoopt
+import pytest
+import torch
+
+from fgo_geoopt import FGSGD, build_collection
+from fgo_geoopt.optim import _fused
+from fgo_geoopt.optim._layout import TILE, from_tiles, to_tiles
+
+needs_numba = pytest.mark.skipif(not _fused.AVAILABLE, reason="numba fused backend unavailable")
+
+
+def _param(shape, preset, seed=0):
+    coll = build_collection(shape, preset, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = coll.projx(torch.randn(shape, generator=gen, dtype=torch.float64))
+    return geoopt.ManifoldParameter(x, manifold=coll)
+
+
+def _grads(shape, steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("num_kernels", [1, TILE - 1, TILE, 2 * TILE + 44])
+def test_tile_layout_round_trip_and_positions(num_kernels):
+    buf = torch.arange(num_kernels * 9, dtype=torch.float64).view(num_kernels, 9)
+    tiled = to_tiles(buf)
+    assert torch.equal(from_tiles(tiled), buf)
+    flat = tiled.view(-1)
+    for k in {0, num_kernels - 1, min(TILE, num_kernels - 1)}:
+        t0 = k - k % TILE
+        nt = min(TILE, num_kernels - t0)
+        for j in (0, 4, 8):  # entry j of kernel k sits in row j of its tile's (9, nt) block
+            assert flat[t0 * 9 + j * nt + (k - t0)] == buf[k, j]
+
+
+@needs_numba
+@pytest.mark.parametrize("preset", ["pio4", "st"])
+def test_switching_between_fused_and_torch_paths_keeps_the_trajectory(preset):
+    shape = (20, 15, 3, 3)  # 300 kernels: two full tiles and a partial one
+    fused, plain = _param(shape, preset), _param(shape, preset)
+    opt_a = FGSGD([fused], lr=0.05, momentum=0.9, backend="fused")
+    opt_b = FGSGD([plain], lr=0.05, momentum=0.9, backend="torch")
+    for i, g in enumerate(_grads(shape, 6)):
+        # a: fused, fused, torch, torch, fused, fused; b: torch throughout
+        opt_a.param_groups[0]["backend"] = "torch" if i in (2, 3) else "fused"
+        fused.grad, plain.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+        tiled = opt_a.state[fused].get("momentum_tiles")
+        assert tiled == (None if i in (2, 3) else TILE)
+        torch.testing.assert_close(fused.detach(), plain.detach(), rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            opt_a.momentum_buffer(fused), opt_b.momentum_buffer(plain), rtol=0, atol=1e-12
+        )
+
+
+@needs_numba
+def test_tile_major_state_dict_resumes_on_the_torch_path(tmp_path):
+    shape = (12, 16, 3, 3)
+    p, q = _param(shape, "pio4"), _param(shape, "pio4")
+    grads = _grads(shape, 4)
+    opt = FGSGD([p], lr=0.05, momentum=0.9, nesterov=True, backend="fused")
+    for g in grads[:2]:
+        p.grad = g.clone()
+        opt.step()
+    path = tmp_path / "opt.pt"
+    torch.save(opt.state_dict(), path)
+    q.data.copy_(p.detach())
+    resumed = FGSGD([q], lr=0.05, momentum=0.9, nesterov=True, backend="torch")
+    resumed.load_state_dict(torch.load(path, weights_only=True))
+    assert resumed.state[q]["momentum_tiles"] == TILE  # survives the dtype/device cast
+    resumed.param_groups[0]["backend"] = "torch"  # the loaded group said "fused"
+    for g in grads[2:]:
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        resumed.step()
+    torch.testing.assert_close(q.detach(), p.detach(), rtol=0, atol=1e-12)
+    assert "momentum_tiles" not in resumed.state[q]
+    torch.testing.assert_close(
+        opt.momentum_buffer(p), resumed.momentum_buffer(q), rtol=0, atol=1e-12
+    )
+
+
+@needs_numba
+@pytest.mark.parametrize("preset", ["pio4", "st", "poms_st"])
+def test_degenerate_retractions_match_the_torch_path(preset):
+    """Kernels moved exactly to zero (every manifold): the fused 3x3 loop hands them to the
+    general code, which must do what the batched torch path does."""
+    shape = (8, 6, 3, 3)
+    base = _param(shape, preset, seed=3)
+    results = []
+    for backend in ("fused", "torch"):
+        p = geoopt.ManifoldParameter(base.detach().clone(), manifold=copy.deepcopy(base.manifold))
+        opt = FGSGD([p], lr=0.5, momentum=0.5, backend=backend, adaptive_step=False)
+        p.grad = torch.zeros_like(p)
+        opt.step()  # creates the (zero) buffer
+        st = opt.state[p]
+        plain = opt.momentum_buffer(p).clone()
+        k = p.detach().reshape(plain.shape)
+        chosen = torch.arange(0, plain.shape[0], 5)
+        plain[chosen] = k[chosen] * 4.0  # x - lr * momentum * buf == 0 exactly (powers of two)
+        tiles = st.get("momentum_tiles")
+        st["momentum_buffer"].copy_(plain if tiles is None else to_tiles(plain, tiles))
+        opt.step()
+        assert bool(torch.isfinite(p).all())
+        assert not p.manifold.violations(p.detach(), atol=1e-10, rtol=0)
+        results.append((p.detach().clone(), opt.momentum_buffer(p)))
+    (wa, ba), (wb, bb) = results
+    torch.testing.assert_close(wa, wb, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ba, bb, rtol=0, atol=1e-12)
