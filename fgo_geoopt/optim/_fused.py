@@ -965,7 +965,12 @@ def buffer_layout(coll) -> int | None:
 def fused_supported(coll) -> bool:
     """True when every manifold of the collection has a fused implementation."""
     # A subclass that overrides the maths without declaring its own code must not be fused.
-    return AVAILABLE and all(type(m).__dict__.get("fused_code") is not None for m in coll.manifolds)
+    ok = coll._cache.get("fused_ok")
+    if ok is None:  # the manifolds of a collection are fixed: decide once
+        ok = coll._cache["fused_ok"] = all(
+            type(m).__dict__.get("fused_code") is not None for m in coll.manifolds
+        )
+    return AVAILABLE and ok
 
 
 if numba is not None:  # the paths in memory order share the helpers above

@@ -67,9 +67,12 @@ _inline = dict(_jit_fm, inline="always")
 ) = range(15)
 
 
+_EPS_TINY = {np.dtype(t): (float(np.finfo(t).eps), float(np.finfo(t).tiny)) for t in ("f4", "f8")}
+
+
 def hyper_array(dtype, *, lr, c_old, c_new, a_r, a_b, weight_decay, sign) -> np.ndarray:
     """The step's scalars and constants; ``tiny**2`` is 0, so a zero norm is what degenerates."""
-    eps, tiny = float(np.finfo(dtype).eps), float(np.finfo(dtype).tiny)
+    eps, tiny = _EPS_TINY[np.dtype(dtype)]
     values = [lr, c_old, c_new, a_r, a_b, weight_decay, sign, eps, tiny, 0.0, 0.5, 1.0, 2.0]
     return np.array([*values, tiny * tiny, (16.0 * eps) ** 2], dtype=dtype)
 
@@ -201,21 +204,25 @@ def _retract(tp, zero, one, tiny2, eps16sq, y):
 
 @njit(**_jit)
 def _load_tile(x, g, s, kpr, scaled, kidx, tcode, t0, nt, sign, X, G, typ):
-    """Unit coordinates of ``nt`` kernels from ``t0`` into the entry-major buffers."""
+    """Unit coordinates of ``nt`` kernels from ``t0`` into the entry-major buffers.
+
+    Branch-free loops first (a transposition is all loads and stores), the rare scales after.
+    """
+    for i in range(nt):  # one array per loop: measured faster than both in one
+        for j in range(9):
+            X[j, i] = x[t0 + i, j]
     for i in range(nt):
-        k = t0 + i
-        tp = tcode[kidx[k]]
-        typ[i] = tp
-        if scaled and tp != EUCLIDEAN:
-            off = (k % kpr) * 9
-            for j in range(9):
-                sv = s[off + j]
-                X[j, i] = x[k, j] / sv
-                G[j, i] = sign * g[k, j] * sv
-        else:
-            for j in range(9):
-                X[j, i] = x[k, j]
-                G[j, i] = sign * g[k, j]
+        for j in range(9):
+            G[j, i] = sign * g[t0 + i, j]
+    for i in range(nt):
+        typ[i] = tcode[kidx[t0 + i]]
+    if scaled:
+        for i in range(nt):
+            if typ[i] != EUCLIDEAN:
+                off = ((t0 + i) % kpr) * 9
+                for j in range(9):
+                    X[j, i] = X[j, i] / s[off + j]
+                    G[j, i] = G[j, i] * s[off + j]
 
 
 @njit(**_inline)
@@ -253,8 +260,15 @@ def pass1(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, r2):
         for i in range(nt):
             r = _rgrad(typ[i], zero, half, wd, _lane(X, i), _lane(G, i))
             sq[i] = _sqnorm(r)
+        # per POM; runs of one POM (PO-style POMs are runs in memory) are summed first
+        cur, acc = kidx[t0], 0.0
         for i in range(nt):
-            r2[kidx[t0 + i]] += sq[i]
+            p = kidx[t0 + i]
+            if p != cur:
+                r2[cur] += acc
+                cur, acc = p, 0.0
+            acc += sq[i]
+        r2[cur] += acc
 
 
 @njit(**_jit)
@@ -406,20 +420,24 @@ def pass2(x, g, m, s, kpr, scaled, kidx, tcode, pfac, own, k0, k1, hp, adaptive,
         for i in range(nt):
             if bad[i] and fac[i] >= 0:
                 _redo_lane(i, typ[i], X, G, M, XO, MO, fac[i], hp, use_mom)
+        if scaled:
+            for i in range(nt):
+                if typ[i] != EUCLIDEAN:
+                    off = ((t0 + i) % kpr) * 9
+                    for j in range(9):
+                        XO[j, i] = XO[j, i] * s[off + j]
         for i in range(nt):
-            if fac[i] < 0:  # skipped: weights and buffer unchanged
+            if fac[i] < 0:  # skipped: the weights and the buffer stay bit for bit
                 skipped += 1
-                continue
-            k = t0 + i
-            if scaled and typ[i] != EUCLIDEAN:
-                off = (k % kpr) * 9
                 for j in range(9):
-                    x[k, j] = XO[j, i] * s[off + j]
-            else:
-                for j in range(9):
-                    x[k, j] = XO[j, i]
+                    XO[j, i] = x[t0 + i, j]
+                    MO[j, i] = M[j, i]
+        # plain copies (a select per entry here would cost as much as the whole update)
+        for i in range(nt):
+            for j in range(9):
+                x[t0 + i, j] = XO[j, i]
         if use_mom:
             for j in range(9):
                 for i in range(nt):
-                    block[j * nt + i] = MO[j, i] if fac[i] >= 0 else M[j, i]
+                    block[j * nt + i] = MO[j, i]
     return skipped
