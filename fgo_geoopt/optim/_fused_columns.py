@@ -66,14 +66,15 @@ def pass1(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, r2):
 
 @njit(**_inline)
 def _step(x, g, m, s, sc, eu, f, a, hp, use_mom):
-    """Momentum and step in unit coordinates, in place; returns ``|y|^2`` of the moved column.
+    """Momentum and step in unit coordinates, in place. Returns ``|y|^2`` and ``<y, b>`` of
+    the moved column ``y`` and the new buffer ``b`` (the transport needs ``<y / |y|, b>``).
 
     The branches are hoisted out of the loops, which then vectorise.
     """
     n = x.shape[0]
     lr, c_old, c_new, a_r, a_b = hp[_LR], hp[_C_OLD], hp[_C_NEW], hp[_A_R], hp[_A_B]
     sign, wd = hp[_SIGN], hp[_WD]
-    nrm = hp[_ZERO]
+    nrm, yb = hp[_ZERO], hp[_ZERO]
     if eu and use_mom:
         for j in range(n):
             r = f * (sign * g[j] + wd * x[j])
@@ -92,6 +93,7 @@ def _step(x, g, m, s, sc, eu, f, a, hp, use_mom):
             y = xu - lr * (a_r * r + a_b * b)
             x[j] = y
             nrm += y * y
+            yb += y * b
     elif sc:
         for j in range(n):
             xu = x[j] / s[j]
@@ -106,33 +108,51 @@ def _step(x, g, m, s, sc, eu, f, a, hp, use_mom):
             y = x[j] - lr * (a_r * r + a_b * b)
             x[j] = y
             nrm += y * y
+            yb += y * b
     else:
         for j in range(n):
             y = x[j] - lr * f * (sign * g[j] - a * x[j])
             x[j] = y
             nrm += y * y
-    return nrm
+    return nrm, yb
 
 
 @njit(**_inline)
 def _update(x, g, m, s, sc, eu, f, a, hp, use_mom):
     """Momentum, step, normalisation and transport of one column in place (factor ``f``)."""
-    nrm = _step(x, g, m, s, sc, eu, f, a, hp, use_mom)
+    nrm, yb = _step(x, g, m, s, sc, eu, f, a, hp, use_mom)
     if eu:
         return
     n = x.shape[0]
     one = hp[_ONE]
     if nrm > hp[_TINY2]:
         inv = one / np.sqrt(nrm)
-        for j in range(n):
-            x[j] *= inv
-    else:  # degenerate: the constant unit column
-        size = np.empty(1, x.dtype)
-        size[0] = n
-        fill = one / np.sqrt(size[0])
-        for j in range(n):
-            x[j] = fill
-    if use_mom:  # transport: project the buffer onto the new tangent space
+        a2 = yb * inv  # <x_new, b>
+        # one loop: normalise, transport (project the buffer), re-apply the scales
+        if use_mom and sc:
+            for j in range(n):
+                v = x[j] * inv
+                m[j] -= a2 * v
+                x[j] = v * s[j]
+        elif use_mom:
+            for j in range(n):
+                v = x[j] * inv
+                m[j] -= a2 * v
+                x[j] = v
+        elif sc:
+            for j in range(n):
+                x[j] = x[j] * inv * s[j]
+        else:
+            for j in range(n):
+                x[j] *= inv
+        return
+    # degenerate: the constant unit column
+    size = np.empty(1, x.dtype)
+    size[0] = n
+    fill = one / np.sqrt(size[0])
+    for j in range(n):
+        x[j] = fill
+    if use_mom:
         a2 = _dot(x, m)
         for j in range(n):
             m[j] -= a2 * x[j]
