@@ -115,3 +115,30 @@ def test_degenerate_retractions_match_the_torch_path(preset):
     (wa, ba), (wb, bb) = results
     torch.testing.assert_close(wa, wb, rtol=0, atol=1e-12)
     torch.testing.assert_close(ba, bb, rtol=0, atol=1e-12)
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    ("shape", "preset"), [((16, 12, 3, 3), "pio4"), ((16, 12, 3, 3), "poms_st"), ((40, 24), "pio4")]
+)
+def test_gradient_bounds_shortcut_matches_the_torch_path(shape, preset):
+    """Tiny gradients: every POM's factor is settled by the cheap bound; huge ones: every POM
+    needs the exact norms (and the next steps skip the bounds); both equal the torch path."""
+    gen = torch.Generator().manual_seed(5)
+    fused, plain = _param(shape, preset, seed=4), _param(shape, preset, seed=4)
+    opt_a = FGSGD([fused], lr=0.05, momentum=0.9, weight_decay=1e-3, backend="fused")
+    opt_b = FGSGD([plain], lr=0.05, momentum=0.9, weight_decay=1e-3, backend="torch")
+    plan_states = []
+    for scale in (1e-4, 1e-4, 1e2, 1e-4, 1.0):
+        g = scale * torch.randn(shape, generator=gen, dtype=torch.float64)
+        fused.grad, plain.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+        plan_states.append(fused.manifold._cache["fused"].get("exact_for", 0))
+        torch.testing.assert_close(fused.detach(), plain.detach(), rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            opt_a.momentum_buffer(fused), opt_b.momentum_buffer(plain), rtol=0, atol=1e-12
+        )
+    assert plan_states[:2] == [0, 0]  # settled by the bounds
+    assert plan_states[2] == _fused.EXACT_STEPS  # the bounds settled too little
+    assert plan_states[3:] == [_fused.EXACT_STEPS - 1, _fused.EXACT_STEPS - 2]

@@ -48,6 +48,8 @@ SPHERE, OBLIQUE, STIEFEL, EUCLIDEAN = 0, 1, 2, 3
 SOA_MAX_NUMEL = 64
 #: Target number of kernels in one block of the structure-of-arrays path.
 BLOCK_KERNELS = 256
+#: Steps that skip the gradient bounds of a layer after they settled less than half its POMs.
+EXACT_STEPS = 16
 #: Entries per piece of work handed to a thread (smaller layers are one piece).
 PIECE_NUMEL = 1 << 19
 
@@ -890,21 +892,59 @@ class FusedJob:
         if not coupled:
             self.phases = [(update, True)]
             return
-        partials: list[np.ndarray] = []
+        # Eq. (7) couples the kernels of a POM. A cheap pass bounds every POM's gradient norm
+        # (|g| in unit coordinates); where the bound proves the factor is 1 (almost always
+        # with real gradients) or the POM is Euclidean, the factor is settled, and only the
+        # other POMs need the exact norms of ``pass1`` before the update. Where the bounds
+        # settled less than half of the POMs, the next steps skip them (``EXACT_STEPS``)
+        # and compute every norm exactly; the results are the same either way.
+        use_bounds = plan.get("exact_for", 0) == 0
+        if not use_bounds:
+            plan["exact_for"] -= 1
+        need = np.zeros(coll.num_poms, np.uint8) if use_bounds else np.ones(coll.num_poms, np.uint8)
+        marked = [0 if use_bounds else coll.num_poms]
+        bound_sums: list[np.ndarray] = []
+        exact_sums: list[np.ndarray] = []
+
+        def bounds(c, parts):
+            k0, k1 = _bounds(num_k, c, parts, align)
+            _fused_columns.bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, bound_sums[c])
+            return 0
+
+        def decide(c, parts):
+            sums = np.stack(bound_sums)
+            marked[0], skipped = _fused3x3.decide(sums, tcode, adaptive, check, pfac, need)
+            if 2 * marked[0] > coll.num_poms:
+                plan["exact_for"] = EXACT_STEPS
+            if marked[0]:
+                exact_sums[:] = [np.zeros(coll.num_poms) for _ in bound_sums]
+            return skipped
 
         def norms(c, parts):
-            k0, k1 = _bounds(num_k, c, parts, align)
-            module.pass1(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, partials[c])
+            if marked[0]:
+                k0, k1 = _bounds(num_k, c, parts, align)
+                module.pass1(x, g, s, kpr, scaled, kidx, tcode, need, k0, k1, hp, exact_sums[c])
             return 0
 
         def factors(c, parts):
-            return _fused3x3.pom_factors(np.stack(partials), adaptive, check, pfac)
+            if not marked[0]:
+                return 0
+            return _fused3x3.pom_factors(np.stack(exact_sums), adaptive, check, pfac, need)
+
+        def update_only(c, parts):
+            update(c, parts)
+            return 0  # skipped POMs were counted by ``decide`` and ``factors``
 
         def prepare(parts):
-            partials[:] = [np.zeros(coll.num_poms) for _ in range(parts)]
+            sums = [np.zeros(coll.num_poms) for _ in range(parts)]
+            if use_bounds:
+                bound_sums[:] = sums
+            else:
+                exact_sums[:] = sums
 
         self.prepare = prepare
-        self.phases = [(norms, True), (factors, False), (update, True)]
+        first = [(bounds, True), (decide, False)] if use_bounds else []
+        self.phases = [*first, (norms, True), (factors, False), (update_only, True)]
 
     def prepare(self, parts: int) -> None:
         """Called by ``run_jobs`` with the number of pieces of a split phase."""

@@ -40,7 +40,7 @@ from ._fused import (
 )
 from ._layout import TILE
 
-__all__ = ["hyper_array", "pass1", "pass2", "pom_factors"]
+__all__ = ["CERTAIN", "decide", "hyper_array", "pass1", "pass2", "pom_factors"]
 
 
 _jit_fm = dict(_jit, fastmath={"reassoc", "contract"})
@@ -245,52 +245,104 @@ def _sqnorm(r):
 
 
 @njit(**_jit_fm)
-def pass1(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, r2):
-    """Squared Riemannian gradient norms of the kernels in ``[k0, k1)``, summed per POM
-    (``kidx``) into ``r2``."""
+def pass1(x, g, s, kpr, scaled, kidx, tcode, need, k0, k1, hp, r2):
+    """Squared Riemannian gradient norms of the kernels in ``[k0, k1)`` whose POM is marked
+    in ``need``, summed per POM (``kidx``) into ``r2``."""
     dt = x.dtype
     X = np.empty((9, TILE), dt)
     G = np.empty((9, TILE), dt)
     typ = np.empty(TILE, np.int8)
     sq = np.empty(TILE, dt)
+    lanes = np.empty(TILE, np.int64)
     wd, sign, zero, half = hp[_WD], hp[_SIGN], hp[_ZERO], hp[_HALF]
     for t0 in range(k0, k1, TILE):
-        nt = min(TILE, k1 - t0)
-        _load_tile(x, g, s, kpr, scaled, kidx, tcode, t0, nt, sign, X, G, typ)
+        size, nt = min(TILE, k1 - t0), 0
+        for k in range(t0, t0 + size):
+            if need[kidx[k]]:
+                lanes[nt] = k
+                nt += 1
+        if nt == 0:
+            continue
+        if nt == size:  # the whole tile: contiguous copies
+            _load_tile(x, g, s, kpr, scaled, kidx, tcode, t0, nt, sign, X, G, typ)
+        else:  # the kernels of marked POMs only
+            for i in range(nt):
+                for j in range(9):
+                    X[j, i] = x[lanes[i], j]
+            for i in range(nt):
+                for j in range(9):
+                    G[j, i] = sign * g[lanes[i], j]
+            for i in range(nt):
+                typ[i] = tcode[kidx[lanes[i]]]
+                if scaled and typ[i] != EUCLIDEAN:
+                    off = (lanes[i] % kpr) * 9
+                    for j in range(9):
+                        X[j, i] = X[j, i] / s[off + j]
+                        G[j, i] = G[j, i] * s[off + j]
         for i in range(nt):
             r = _rgrad(typ[i], zero, half, wd, _lane(X, i), _lane(G, i))
             sq[i] = _sqnorm(r)
-        # per POM; runs of one POM (PO-style POMs are runs in memory) are summed first
-        cur, acc = kidx[t0], 0.0
         for i in range(nt):
-            p = kidx[t0 + i]
-            if p != cur:
-                r2[cur] += acc
-                cur, acc = p, 0.0
-            acc += sq[i]
-        r2[cur] += acc
+            r2[kidx[lanes[i]]] += sq[i]
 
 
 @njit(**_jit)
-def pom_factors(partials, adaptive, check, out):
-    """Eq. (7) factor ``1 / tau`` of every POM from the per-piece sums of ``pass1`` into
-    ``out`` (``-1``: a non-finite norm, the POM is skipped); returns the skipped count."""
+def pom_factors(partials, adaptive, check, out, need):
+    """Eq. (7) factor ``1 / tau`` of the POMs marked in ``need`` from the per-piece sums of
+    ``pass1`` into ``out`` (``-1``: a non-finite norm, the POM is skipped); returns the
+    skipped count."""
     skipped = 0
+    for p in range(partials.shape[1]):
+        if not need[p]:
+            continue
+        r2 = 0.0
+        for c in range(partials.shape[0]):
+            r2 += partials[c, p]
+        factor, skip = _factor(r2, adaptive, check)
+        out[p] = factor
+        skipped += skip
+    return skipped
+
+
+@njit(**_jit)
+def _factor(r2, adaptive, check):
+    """Eq. (7), Ozay 2019: ``1 / tau`` with ``tau = max(1, R (2 + R))``; ``-1`` to skip."""
+    if check and not math.isfinite(r2):
+        return -1.0, 1
+    if adaptive:
+        big_r = math.sqrt(r2)
+        tau = big_r * (2.0 + big_r)
+        if tau > 1.0:
+            return 1.0 / tau, 0
+    return 1.0, 0
+
+
+#: ``R^2`` below which Eq. (7) leaves the step alone, with a margin against rounding:
+#: ``R (2 + R) <= 1`` for ``R^2 <= 3 - 2 sqrt(2)``.
+CERTAIN = 0.9 * (3.0 - 2.0 * math.sqrt(2.0))
+
+
+@njit(**_jit)
+def decide(partials, tcode, adaptive, check, out, need):
+    """Step factors from the per-POM sums of ``bounds``: exact for Euclidean POMs, ``1`` for
+    POMs whose bound proves that Eq. (7) cannot shrink their step; the others are marked in
+    ``need`` for the exact norms of ``pass1``. Returns ``(marked, skipped)``."""
+    marked = skipped = 0
     for p in range(partials.shape[1]):
         r2 = 0.0
         for c in range(partials.shape[0]):
             r2 += partials[c, p]
-        factor = 1.0
-        if check and not math.isfinite(r2):
-            factor = -1.0
-            skipped += 1
-        elif adaptive:
-            big_r = math.sqrt(r2)
-            tau = big_r * (2.0 + big_r)  # Eq. (7), Ozay 2019
-            if tau > 1.0:
-                factor = 1.0 / tau
-        out[p] = factor
-    return skipped
+        need[p] = 0
+        if tcode[p] == EUCLIDEAN:
+            factor, skip = _factor(r2, adaptive, check)
+            out[p] = factor
+            skipped += skip
+        elif math.isfinite(r2) and (r2 <= CERTAIN or not adaptive):
+            out[p] = 1.0
+        else:
+            need[p] = 1
+            marked += 1
+    return marked, skipped
 
 
 @njit(**_jit)

@@ -17,7 +17,7 @@ from numba import njit
 from ._fused import EUCLIDEAN, _jit
 from ._fused3x3 import _A_B, _A_R, _C_NEW, _C_OLD, _LR, _ONE, _SIGN, _TINY2, _TWO, _WD, _ZERO
 
-__all__ = ["pass1", "pass2"]
+__all__ = ["bounds", "pass1", "pass2"]
 
 _jit_fm = dict(_jit, fastmath={"reassoc", "contract"})
 # helpers inlined: views passed to called functions cost reference counting per kernel
@@ -53,10 +53,37 @@ def _sqnorm(x, g, s, sc, eu, sign, wd, a):
 
 
 @njit(**_jit_fm)
-def pass1(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, r2):
-    """Squared Riemannian gradient norms of the kernels in ``[k0, k1)``, summed per POM."""
+def bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, r2):
+    """Upper bounds of the squared Riemannian gradient norms of the kernels in ``[k0, k1)``,
+    summed per POM into ``r2``: ``|g|^2`` in unit coordinates (a tangent projection never
+    lengthens a vector), exact for Euclidean kernels (``|g + wd x|^2``, no projection)."""
+    n = x.shape[1]
+    wd = hp[_SIGN] * hp[_WD]  # (sign g + wd x)^2 == (g + sign wd x)^2
+    for k in range(k0, k1):
+        p = kidx[k]
+        eu = tcode[p] == EUCLIDEAN
+        e = wd if eu else hp[_ZERO]
+        t = hp[_ZERO]
+        if scaled and not eu:
+            off = (k % kpr) * n
+            for j in range(n):
+                v = g[k, j] * s[off + j]
+                t += v * v
+        else:
+            for j in range(n):
+                v = g[k, j] + e * x[k, j]
+                t += v * v
+        r2[p] += t
+
+
+@njit(**_jit_fm)
+def pass1(x, g, s, kpr, scaled, kidx, tcode, need, k0, k1, hp, r2):
+    """Squared Riemannian gradient norms of the kernels in ``[k0, k1)`` whose POM is marked
+    in ``need``, summed per POM."""
     sign, wd, n = hp[_SIGN], hp[_WD], x.shape[1]
     for k in range(k0, k1):
+        if not need[kidx[k]]:
+            continue
         eu = tcode[kidx[k]] == EUCLIDEAN
         sc = scaled and not eu
         sk = s[(k % kpr) * n : (k % kpr + 1) * n] if sc else s
