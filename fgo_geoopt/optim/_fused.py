@@ -1,17 +1,20 @@
-"""Fused CPU step of FG-SGD: numba loops per layer, parallel over blocks of POMs.
+"""Fused CPU step of FG-SGD: numba loops that read and write every kernel once per step.
 
-Eager chains of small-axis tensor ops cost 15-40x an SGD update on 3x3 kernels (PERF_NOTES.md);
-here every kernel is read and written once per step:
+Eager chains of small-axis tensor ops cost 15-40x an SGD update on 3x3 kernels (PERF_NOTES.md).
+Each layer takes the path that suits its kernel shape:
 
-* Small kernels (``n <= SOA_MAX_NUMEL``, the spatial view): the POMs of one manifold type are cut
-  into blocks of a few hundred kernels. A block is gathered into structure-of-arrays buffers
-  ``(n, nk)`` (entry ``j`` of every kernel contiguous), so that every per-kernel formula becomes a
-  loop over kernels that the compiler vectorises; the Eq. (7) norms, momentum, retraction and
-  transport run on the cached block; the block is scattered back once.
-* Large kernels (the filter view of 1x1 convs and linear layers): a POM at a time, a kernel at a
-  time, with loops over the kernel's contiguous entries.
+* 3x3 kernels (``_fused3x3``): memory order, 128 kernels at a time in entry-major tiles, one
+  vectorised loop for all four built-in manifolds;
+* one-column kernels, i.e. the filter view of 1x1 convs and linear layers
+  (``_fused_columns``): memory order, contiguous loops per kernel;
+* other small kernels (``n <= SOA_MAX_NUMEL``, e.g. 7x7 or 5x5): blocks of POMs of one manifold
+  type gathered into structure-of-arrays buffers (``_soa_chunk`` here);
+* other large kernels: a POM at a time, a kernel at a time (``_aos_chunk`` here).
 
-The maths is the batched torch path of ``_batched.py``; tests keep both equal to ``reference.py``.
+The first two split a layer by kernels and settle the Eq. (7) factors in phases (see
+``FusedJob``); ``run_jobs`` hands all layers of a parameter group to the threads together. The
+maths is the batched torch path of ``_batched.py``; tests keep every path equal to
+``reference.py``.
 """
 
 from __future__ import annotations
