@@ -779,10 +779,13 @@ def _bounds(n: int, part: int, parts: int, align: int = 16) -> tuple[int, int]:
 
 
 class FusedJob:
-    """The fused step of one collection: phases of work, each split into shares.
+    """The fused step of one collection as phases of work, ``(fn, split)`` pairs: ``fn(c,
+    parts)`` does piece ``c`` of ``parts`` (one piece unless ``split``) and returns the number
+    of POMs it skipped.
 
-    Phase ``i`` of every job runs before phase ``i + 1`` of any: the 3x3 path needs every
-    kernel's gradient norm (phase 0) before the POM factors (phase 1) and the update (phase 2).
+    Phase ``i`` of every job runs before phase ``i + 1`` of any (``run_jobs``): a layer whose
+    POMs couple several kernels settles its Eq. (7) factors (gradient bounds, decision, exact
+    norms where needed, factors) before its update; other layers take one phase.
     """
 
     def __init__(
