@@ -779,9 +779,9 @@ def _bounds(n: int, part: int, parts: int, align: int = 16) -> tuple[int, int]:
 
 
 class FusedJob:
-    """The fused step of one collection as phases of work, ``(fn, split)`` pairs: ``fn(c,
+    """The fused step of one collection as phases of work, ``(fn, split[, active])``: ``fn(c,
     parts)`` does piece ``c`` of ``parts`` (one piece unless ``split``) and returns the number
-    of POMs it skipped.
+    of POMs it skipped; ``active()``, where given, says whether the phase has work at all.
 
     Phase ``i`` of every job runs before phase ``i + 1`` of any (``run_jobs``): a layer whose
     POMs couple several kernels settles its Eq. (7) factors (gradient bounds, decision, exact
@@ -950,7 +950,11 @@ class FusedJob:
 
         self.prepare = prepare
         first = [(bounds, True), (decide, False)] if use_bounds else []
-        self.phases = [*first, (norms, True), (factors, False), (update_only, True)]
+
+        def active():
+            return marked[0] > 0
+
+        self.phases = [*first, (norms, True, active), (factors, False, active), (update_only, True)]
 
     def prepare(self, parts: int) -> None:
         """Called by ``run_jobs`` with the number of pieces of a split phase."""
@@ -974,7 +978,9 @@ def run_jobs(jobs: list[FusedJob], threads: int | None = None) -> int:
         pieces = []
         for job in jobs:
             if phase < len(job.phases):
-                fn, split = job.phases[phase]
+                fn, split, *active = job.phases[phase]
+                if active and not active[0]():
+                    continue  # nothing to do in this phase (decided by an earlier one)
                 parts = job.parts if split else 1
                 pieces += [(job.numel // parts, fn, c, parts) for c in range(parts)]
         pieces.sort(key=lambda piece: -piece[0])
@@ -991,7 +997,8 @@ def run_jobs(jobs: list[FusedJob], threads: int | None = None) -> int:
                 _, fn, c, parts = piece
                 total += int(fn(c, parts))
 
-        skipped += sum(_parallel([worker] * min(threads, len(pieces))))
+        if pieces:
+            skipped += sum(_parallel([worker] * min(threads, len(pieces))))
     return skipped
 
 
