@@ -142,3 +142,63 @@ def test_gradient_bounds_shortcut_matches_the_torch_path(shape, preset):
     assert plan_states[:2] == [0, 0]  # settled by the bounds
     assert plan_states[2] == _fused.EXACT_STEPS  # the bounds settled too little
     assert plan_states[3:] == [_fused.EXACT_STEPS - 1, _fused.EXACT_STEPS - 2]
+
+
+def _team_or_skip():
+    team = _fused._team_module()
+    if team is None:
+        pytest.skip("torch does not run on GNU OpenMP here: no team path")
+    return team
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    ("shape", "preset", "scaled"),
+    [
+        ((128, 64, 3, 3), "pio4", False),
+        ((128, 64, 3, 3), "pio4", True),
+        ((128, 64, 3, 3), "st", False),
+        ((256, 512), "pio4", False),
+        ((256, 512), "st", True),
+    ],
+)
+def test_torch_openmp_team_matches_the_thread_pool(shape, preset, scaled, monkeypatch):
+    """Layers large enough for torch's OpenMP team: every phase runs there (counted), and the
+    result equals our thread pool's and the torch path's (float32; POM sums are added in
+    another order, hence a tolerance)."""
+    team = _team_or_skip()
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread: no team")
+    coll = build_collection(shape, preset, seed=7)
+    assert coll.num_kernels * coll.kernel_numel >= _fused.TEAM_MIN_NUMEL
+    gen = torch.Generator().manual_seed(8)
+    if scaled:
+        coll.set_scale(0.5 + torch.rand(coll.in_channels, generator=gen, dtype=torch.float64))
+    x0 = coll.projx(torch.randn(shape, generator=gen))
+    grads = [s * torch.randn(shape, generator=gen) for s in (1e-4, 3.0, 1e-3)]
+    calls = []
+    real_run = team.run
+
+    def counting_run(*args, **kwargs):
+        calls.append(args[0])
+        return real_run(*args, **kwargs)
+
+    results = []
+    for mode in ("team", "pool", "torch"):
+        p = geoopt.ManifoldParameter(x0.clone(), manifold=copy.deepcopy(coll))
+        backend = "torch" if mode == "torch" else "fused"
+        opt = FGSGD([p], lr=0.1, momentum=0.9, weight_decay=1e-3, backend=backend)
+        with monkeypatch.context() as patch:
+            if mode == "team":
+                patch.setattr(team, "run", counting_run)
+            if mode == "pool":
+                patch.setattr(_fused, "_TEAM", [None])
+            for g in grads:
+                p.grad = g.clone()
+                opt.step()
+        assert not p.manifold.violations(p.detach(), atol=1e-5, rtol=0)
+        results.append((p.detach().clone(), opt.momentum_buffer(p)))
+    assert calls, "the team path did not run"
+    for w, b in results[1:]:
+        torch.testing.assert_close(results[0][0], w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(results[0][1], b, rtol=1e-4, atol=1e-6)

@@ -53,6 +53,12 @@ SOA_MAX_NUMEL = 64
 BLOCK_KERNELS = 256
 #: Steps that skip the gradient bounds of a layer after they settled less than half its POMs.
 EXACT_STEPS = 16
+#: Layers with fewer entries stay off torch's OpenMP team (a team call costs microseconds).
+TEAM_MIN_NUMEL = 1 << 16
+# team phase kinds and flags (``_team``)
+TEAM_BOUNDS, TEAM_NORMS, TEAM_UPDATE = 0, 1, 2
+TEAM_SCALED, TEAM_OWN, TEAM_ADAPTIVE, TEAM_USE_MOM, TEAM_CHECK = 1, 2, 4, 8, 16
+_NO_SUMS = np.zeros((1, 1))
 #: Entries per piece of work handed to a thread (smaller layers are one piece).
 PIECE_NUMEL = 1 << 19
 
@@ -779,9 +785,10 @@ def _bounds(n: int, part: int, parts: int, align: int = 16) -> tuple[int, int]:
 
 
 class FusedJob:
-    """The fused step of one collection as phases of work, ``(fn, split[, active])``: ``fn(c,
-    parts)`` does piece ``c`` of ``parts`` (one piece unless ``split``) and returns the number
-    of POMs it skipped; ``active()``, where given, says whether the phase has work at all.
+    """The fused step of one collection as phases of work, ``(fn, split[, active, kind])``:
+    ``fn(c, parts)`` does piece ``c`` of ``parts`` (one piece unless ``split``) and returns the
+    number of POMs it skipped; ``active()``, where given, says whether the phase has work at
+    all; ``kind`` is the same phase for ``team_run`` on torch's OpenMP team.
 
     Phase ``i`` of every job runs before phase ``i + 1`` of any (``run_jobs``): a layer whose
     POMs couple several kernels settles its Eq. (7) factors (gradient bounds, decision, exact
@@ -888,6 +895,35 @@ class FusedJob:
         pfac = np.ones(1 if own else coll.num_poms, x.dtype)
 
         align = TILE if module is _fused3x3 else 16  # the tiles of the 3x3 buffers
+        path = "3x3" if module is _fused3x3 else "columns"
+        if x.dtype == np.float32 and path in ("3x3", "columns"):
+            self.team = (path, kidx.dtype)
+        flags = (
+            scaled * TEAM_SCALED
+            + own * TEAM_OWN
+            + adaptive * TEAM_ADAPTIVE
+            + use_mom * TEAM_USE_MOM
+            + check * TEAM_CHECK
+        )
+        sums = {}  # per-piece rows of POM sums: "bounds", "exact"
+        need = np.ones(1 if own else coll.num_poms, np.uint8)
+
+        def team_run(kind, threads):
+            """The phase ``kind`` on torch's OpenMP team (``_team``); returns skipped kernels."""
+            team = _team_module()
+            r2 = sums.get("bounds" if kind == team.BOUNDS else "exact", _NO_SUMS)
+            out = np.zeros(threads, np.int64)
+            desc = team.describe(
+                kind,
+                **dict(k=num_k, n=x.shape[1], kpr=kpr, flags=flags, align=align),
+                **dict(x=x, g=g, m=m, s=s, kidx=kidx, tcode=tcode, pfac=pfac, need=need, hp=hp),
+                r2=r2,
+                out=out,
+            )
+            team.run(path, kidx.dtype, desc, threads)
+            return 0 if coupled else int(out.sum())
+
+        self.team_run = team_run
 
         def update(c, parts):
             k0, k1 = _bounds(num_k, c, parts, align)
@@ -896,7 +932,7 @@ class FusedJob:
             return 0 if coupled else skipped  # coupled: counted per POM by ``factors``
 
         if not coupled:
-            self.phases = [(update, True)]
+            self.phases = [(update, True, None, TEAM_UPDATE)]
             return
         # Eq. (7) couples the kernels of a POM. A cheap pass bounds every POM's gradient norm
         # (|g| in unit coordinates); where the bound proves the factor is 1 (almost always
@@ -907,54 +943,54 @@ class FusedJob:
         use_bounds = plan.get("exact_for", 0) == 0
         if not use_bounds:
             plan["exact_for"] -= 1
-        need = np.zeros(coll.num_poms, np.uint8) if use_bounds else np.ones(coll.num_poms, np.uint8)
+        need[:] = 0 if use_bounds else 1
         marked = [0 if use_bounds else coll.num_poms]
-        bound_sums: list[np.ndarray] = []
-        exact_sums: list[np.ndarray] = []
 
         def bounds(c, parts):
             k0, k1 = _bounds(num_k, c, parts, align)
-            _fused_columns.bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, bound_sums[c])
+            rows = sums["bounds"]
+            _fused_columns.bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, rows[c])
             return 0
 
         def decide(c, parts):
-            sums = np.stack(bound_sums)
-            marked[0], skipped = _fused3x3.decide(sums, tcode, adaptive, check, pfac, need)
+            marked[0], skipped = _fused3x3.decide(
+                sums["bounds"], tcode, adaptive, check, pfac, need
+            )
             if 2 * marked[0] > coll.num_poms:
                 plan["exact_for"] = EXACT_STEPS
             if marked[0]:
-                exact_sums[:] = [np.zeros(coll.num_poms) for _ in bound_sums]
+                sums["exact"] = np.zeros_like(sums["bounds"])
             return skipped
 
         def norms(c, parts):
-            if marked[0]:
-                k0, k1 = _bounds(num_k, c, parts, align)
-                module.pass1(x, g, s, kpr, scaled, kidx, tcode, need, k0, k1, hp, exact_sums[c])
+            k0, k1 = _bounds(num_k, c, parts, align)
+            module.pass1(x, g, s, kpr, scaled, kidx, tcode, need, k0, k1, hp, sums["exact"][c])
             return 0
 
         def factors(c, parts):
-            if not marked[0]:
-                return 0
-            return _fused3x3.pom_factors(np.stack(exact_sums), adaptive, check, pfac, need)
+            return _fused3x3.pom_factors(sums["exact"], adaptive, check, pfac, need)
 
         def update_only(c, parts):
             update(c, parts)
             return 0  # skipped POMs were counted by ``decide`` and ``factors``
 
         def prepare(parts):
-            sums = [np.zeros(coll.num_poms) for _ in range(parts)]
-            if use_bounds:
-                bound_sums[:] = sums
-            else:
-                exact_sums[:] = sums
-
-        self.prepare = prepare
-        first = [(bounds, True), (decide, False)] if use_bounds else []
+            sums["bounds" if use_bounds else "exact"] = np.zeros((parts, coll.num_poms))
 
         def active():
             return marked[0] > 0
 
-        self.phases = [*first, (norms, True, active), (factors, False, active), (update_only, True)]
+        self.prepare = prepare
+        first = [(bounds, True, None, TEAM_BOUNDS), (decide, False)] if use_bounds else []
+        self.phases = [
+            *first,
+            (norms, True, active, TEAM_NORMS),
+            (factors, False, active),
+            (update_only, True, None, TEAM_UPDATE),
+        ]
+
+    #: ``(path, kernel index dtype)`` where the layer may run on torch's OpenMP team.
+    team: tuple[str, np.dtype] | None = None
 
     def prepare(self, parts: int) -> None:
         """Called by ``run_jobs`` with the number of pieces of a split phase."""
@@ -963,26 +999,42 @@ class FusedJob:
 def run_jobs(jobs: list[FusedJob], threads: int | None = None) -> int:
     """Run the fused steps of ``jobs`` together; returns the number of skipped POMs.
 
-    Every phase is cut into pieces of about ``PIECE_NUMEL`` entries (a small layer is one
-    piece), largest first, and the threads pull pieces from a shared queue until it is empty.
-    Pulling rather than a fixed split matters on small machines: after each parallel torch op,
-    torch's OpenMP workers keep spinning on their cores for milliseconds, and a thread that
-    shares a core with one of them runs at half speed.
+    Phase by phase: large float32 layers of the memory-order paths run their split phases on
+    torch's own OpenMP team (``_team``: one call per layer, every thread a share), where torch
+    runs on GNU OpenMP; everything else is cut into pieces of about ``PIECE_NUMEL`` entries
+    (a small layer is one piece), largest first, that threads of our own pull from a queue.
+    Pulling matters there: after each parallel torch op, torch's OpenMP workers keep spinning
+    on their cores for milliseconds, and a thread sharing a core with one runs at half speed.
     """
     threads = max(1, torch.get_num_threads() if threads is None else threads)
+    team = _team_module() if threads > 1 else None
     for job in jobs:
-        job.parts = max(1, job.numel // PIECE_NUMEL) if threads > 1 else 1
+        job.on_team = (
+            team is not None
+            and job.team is not None
+            and job.numel >= TEAM_MIN_NUMEL
+            and team.available(job.team[0], np.float32, job.team[1])
+        )
+        if job.on_team:
+            job.parts = threads
+        else:
+            job.parts = max(1, job.numel // PIECE_NUMEL) if threads > 1 else 1
         job.prepare(job.parts)
     skipped = 0
     for phase in range(max((len(j.phases) for j in jobs), default=0)):
         pieces = []
         for job in jobs:
-            if phase < len(job.phases):
-                fn, split, *active = job.phases[phase]
-                if active and not active[0]():
-                    continue  # nothing to do in this phase (decided by an earlier one)
-                parts = job.parts if split else 1
-                pieces += [(job.numel // parts, fn, c, parts) for c in range(parts)]
+            if phase >= len(job.phases):
+                continue
+            fn, split, *rest = job.phases[phase]
+            active = rest[0] if rest else None
+            if active is not None and not active():
+                continue  # nothing to do in this phase (decided by an earlier one)
+            if split and job.on_team:
+                skipped += job.team_run(rest[1], threads)
+                continue
+            parts = job.parts if split else 1
+            pieces += [(job.numel // parts, fn, c, parts) for c in range(parts)]
         pieces.sort(key=lambda piece: -piece[0])
         queue = iter(pieces)
         lock = threading.Lock()
@@ -1000,6 +1052,22 @@ def run_jobs(jobs: list[FusedJob], threads: int | None = None) -> int:
         if pieces:
             skipped += sum(_parallel([worker] * min(threads, len(pieces))))
     return skipped
+
+
+_TEAM: list = []
+
+
+def _team_module():
+    """``_team`` where torch runs on GNU OpenMP and its entry points compiled, else ``None``
+    (checked once per process)."""
+    if not _TEAM:
+        try:
+            from . import _team
+
+            _TEAM.append(_team if _team.available("3x3", np.float32, np.uint16) else None)
+        except Exception:  # any failure here only costs speed: the thread pool remains
+            _TEAM.append(None)
+    return _TEAM[0]
 
 
 def fused_collection_step(coll, x2d, g2d, m2d, **hyper) -> int:
