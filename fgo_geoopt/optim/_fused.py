@@ -54,7 +54,7 @@ BLOCK_KERNELS = 256
 #: Steps that skip the gradient bounds of a layer after they settled less than half its POMs.
 EXACT_STEPS = 16
 #: Layers with fewer entries stay off torch's OpenMP team (a team call costs microseconds).
-TEAM_MIN_NUMEL = 1 << 16
+TEAM_MIN_NUMEL = 1 << 13
 # team phase kinds and flags (``_team``)
 TEAM_BOUNDS, TEAM_NORMS, TEAM_UPDATE = 0, 1, 2
 TEAM_SCALED, TEAM_OWN, TEAM_ADAPTIVE, TEAM_USE_MOM, TEAM_CHECK = 1, 2, 4, 8, 16
@@ -788,7 +788,7 @@ class FusedJob:
     """The fused step of one collection as phases of work, ``(fn, split[, active, kind])``:
     ``fn(c, parts)`` does piece ``c`` of ``parts`` (one piece unless ``split``) and returns the
     number of POMs it skipped; ``active()``, where given, says whether the phase has work at
-    all; ``kind`` is the same phase for ``team_run`` on torch's OpenMP team.
+    all; ``kind`` is the same phase for ``team_phase`` on torch's OpenMP team.
 
     Phase ``i`` of every job runs before phase ``i + 1`` of any (``run_jobs``): a layer whose
     POMs couple several kernels settles its Eq. (7) factors (gradient bounds, decision, exact
@@ -908,22 +908,31 @@ class FusedJob:
         sums = {}  # per-piece rows of POM sums: "bounds", "exact"
         need = np.ones(1 if own else coll.num_poms, np.uint8)
 
-        def team_run(kind, threads):
-            """The phase ``kind`` on torch's OpenMP team (``_team``); returns skipped kernels."""
+        layer_desc = []
+
+        def team_phase(kind, threads):
+            """This layer's part of a team call for phase ``kind`` (``_team``): the descriptor
+            and a function that returns the skipped count once the call is done."""
             team = _team_module()
+            if not layer_desc:
+                layer_desc.append(
+                    team.describe(
+                        **dict(k=num_k, n=x.shape[1], kpr=kpr, flags=flags, align=align),
+                        **dict(x=x, g=g, m=m, s=s, kidx=kidx, tcode=tcode, pfac=pfac),
+                        **dict(need=need, hp=hp),
+                    )
+                )
             r2 = sums.get("bounds" if kind == team.BOUNDS else "exact", _NO_SUMS)
             out = np.zeros(threads, np.int64)
-            desc = team.describe(
-                kind,
-                **dict(k=num_k, n=x.shape[1], kpr=kpr, flags=flags, align=align),
-                **dict(x=x, g=g, m=m, s=s, kidx=kidx, tcode=tcode, pfac=pfac, need=need, hp=hp),
-                r2=r2,
-                out=out,
-            )
-            team.run(path, kidx.dtype, desc, threads)
-            return 0 if coupled else int(out.sum())
+            desc = team.phase(layer_desc[0], kind, r2, out)
+            keep = (r2, out)  # alive until the call is done
 
-        self.team_run = team_run
+            def skipped():
+                return 0 if coupled or kind != team.UPDATE else int(keep[1].sum())
+
+            return desc, skipped
+
+        self.team_phase = team_phase
 
         def update(c, parts):
             k0, k1 = _bounds(num_k, c, parts, align)
@@ -1017,12 +1026,13 @@ def run_jobs(jobs: list[FusedJob], threads: int | None = None) -> int:
         )
         if job.on_team:
             job.parts = threads
+            job.team_key = (job.team[0], np.dtype(job.team[1]).name)
         else:
             job.parts = max(1, job.numel // PIECE_NUMEL) if threads > 1 else 1
         job.prepare(job.parts)
     skipped = 0
     for phase in range(max((len(j.phases) for j in jobs), default=0)):
-        pieces = []
+        pieces, on_team, counts = [], {}, []
         for job in jobs:
             if phase >= len(job.phases):
                 continue
@@ -1031,10 +1041,15 @@ def run_jobs(jobs: list[FusedJob], threads: int | None = None) -> int:
             if active is not None and not active():
                 continue  # nothing to do in this phase (decided by an earlier one)
             if split and job.on_team:
-                skipped += job.team_run(rest[1], threads)
+                desc, count = job.team_phase(rest[1], threads)
+                on_team.setdefault(job.team_key, []).append(desc)
+                counts.append(count)
                 continue
             parts = job.parts if split else 1
             pieces += [(job.numel // parts, fn, c, parts) for c in range(parts)]
+        for (path, kidx_dtype), descs in on_team.items():  # one team call per path and type
+            team.run(path, kidx_dtype, descs, threads)
+        skipped += sum(count() for count in counts)
         pieces.sort(key=lambda piece: -piece[0])
         queue = iter(pieces)
         lock = threading.Lock()

@@ -7,7 +7,8 @@ threads are the spinning workers themselves, so a layer's update runs on all cor
 
 Where torch runs on GNU OpenMP from its own ``libgomp`` (Linux wheels), ``GOMP_parallel`` of
 that library is called through ctypes with a numba ``cfunc`` that does thread ``t``'s share of a
-phase. The work is described by an int64 array (``Desc``). Float32 layers with one- or two-byte
+phase. The work is described by int64 arrays, one per layer (``describe``, ``phase``), and one team
+call does a phase of all layers of one path. Float32 layers with one- or two-byte
 kernel indices, the common case, have cached entry points; everything else keeps the Python
 thread pool of ``_fused``. ``FGO_DISABLE_OMP_TEAM=1`` switches this off.
 """
@@ -29,7 +30,7 @@ from numba.core.extending import intrinsic
 from . import _fused3x3, _fused_columns
 from ._fused import _jit
 
-__all__ = ["BOUNDS", "NORMS", "UPDATE", "available", "describe", "run"]
+__all__ = ["BOUNDS", "NORMS", "UPDATE", "available", "describe", "phase", "run"]
 
 BOUNDS, NORMS, UPDATE = 0, 1, 2  # as _fused.TEAM_*
 # int64 descriptor of one phase of one layer
@@ -159,31 +160,47 @@ if _LIB is not None:
 
     @cfunc(_SIG, **_CF)
     def _team_3x3_u16(data):
-        d = carray(data, (DESC_LEN,), np.int64)
-        x, g, m, s, tcode, pfac, need, hp = _arrays_f32(d)
-        kidx = carray(_ptr(d[_KIDX]), (d[_K],), np.uint16)
-        _body(d, True, x, g, m, s, kidx, tcode, pfac, need, hp, _omp_thread(), _omp_threads())
+        tid, nth = _omp_thread(), _omp_threads()
+        layers = carray(data, (1,), np.int64)[0]
+        table = carray(data, (1 + layers * DESC_LEN,), np.int64)
+        for i in range(layers):  # every thread does its share of every layer
+            d = table[1 + i * DESC_LEN : 1 + (i + 1) * DESC_LEN]
+            x, g, m, s, tcode, pfac, need, hp = _arrays_f32(d)
+            kidx = carray(_ptr(d[_KIDX]), (d[_K],), np.uint16)
+            _body(d, True, x, g, m, s, kidx, tcode, pfac, need, hp, tid, nth)
 
     @cfunc(_SIG, **_CF)
     def _team_3x3_i8(data):
-        d = carray(data, (DESC_LEN,), np.int64)
-        x, g, m, s, tcode, pfac, need, hp = _arrays_f32(d)
-        kidx = carray(_ptr(d[_KIDX]), (d[_K],), np.int8)
-        _body(d, True, x, g, m, s, kidx, tcode, pfac, need, hp, _omp_thread(), _omp_threads())
+        tid, nth = _omp_thread(), _omp_threads()
+        layers = carray(data, (1,), np.int64)[0]
+        table = carray(data, (1 + layers * DESC_LEN,), np.int64)
+        for i in range(layers):  # every thread does its share of every layer
+            d = table[1 + i * DESC_LEN : 1 + (i + 1) * DESC_LEN]
+            x, g, m, s, tcode, pfac, need, hp = _arrays_f32(d)
+            kidx = carray(_ptr(d[_KIDX]), (d[_K],), np.int8)
+            _body(d, True, x, g, m, s, kidx, tcode, pfac, need, hp, tid, nth)
 
     @cfunc(_SIG, **_CF)
     def _team_columns_u16(data):
-        d = carray(data, (DESC_LEN,), np.int64)
-        x, g, m, s, tcode, pfac, need, hp = _arrays_f32(d)
-        kidx = carray(_ptr(d[_KIDX]), (d[_K],), np.uint16)
-        _body(d, False, x, g, m, s, kidx, tcode, pfac, need, hp, _omp_thread(), _omp_threads())
+        tid, nth = _omp_thread(), _omp_threads()
+        layers = carray(data, (1,), np.int64)[0]
+        table = carray(data, (1 + layers * DESC_LEN,), np.int64)
+        for i in range(layers):  # every thread does its share of every layer
+            d = table[1 + i * DESC_LEN : 1 + (i + 1) * DESC_LEN]
+            x, g, m, s, tcode, pfac, need, hp = _arrays_f32(d)
+            kidx = carray(_ptr(d[_KIDX]), (d[_K],), np.uint16)
+            _body(d, False, x, g, m, s, kidx, tcode, pfac, need, hp, tid, nth)
 
     @cfunc(_SIG, **_CF)
     def _team_columns_i8(data):
-        d = carray(data, (DESC_LEN,), np.int64)
-        x, g, m, s, tcode, pfac, need, hp = _arrays_f32(d)
-        kidx = carray(_ptr(d[_KIDX]), (d[_K],), np.int8)
-        _body(d, False, x, g, m, s, kidx, tcode, pfac, need, hp, _omp_thread(), _omp_threads())
+        tid, nth = _omp_thread(), _omp_threads()
+        layers = carray(data, (1,), np.int64)[0]
+        table = carray(data, (1 + layers * DESC_LEN,), np.int64)
+        for i in range(layers):  # every thread does its share of every layer
+            d = table[1 + i * DESC_LEN : 1 + (i + 1) * DESC_LEN]
+            x, g, m, s, tcode, pfac, need, hp = _arrays_f32(d)
+            kidx = carray(_ptr(d[_KIDX]), (d[_K],), np.int8)
+            _body(d, False, x, g, m, s, kidx, tcode, pfac, need, hp, tid, nth)
 
     _ENTRIES = {
         ("3x3", "uint16"): _team_3x3_u16.address,
@@ -198,16 +215,19 @@ def available(path: str, dtype, kidx_dtype) -> bool:
     return np.dtype(dtype) == np.float32 and (path, np.dtype(kidx_dtype).name) in _ENTRIES
 
 
-def run(path: str, kidx_dtype, desc: np.ndarray, threads: int) -> None:
-    """Run the phase described by ``desc`` on a team of ``threads`` threads (blocks)."""
+def run(path: str, kidx_dtype, descs: list[np.ndarray], threads: int) -> None:
+    """Run the phases described by ``descs`` (layers of one path and index type) on a team of
+    ``threads`` threads: one team call for all of them. Blocks until done."""
+    table = np.concatenate([np.array([len(descs)], np.int64), *descs])
     entry = _ENTRIES[(path, np.dtype(kidx_dtype).name)]
-    _GOMP_PARALLEL(entry, desc.ctypes.data, threads, 0)
+    _GOMP_PARALLEL(entry, table.ctypes.data, threads, 0)
 
 
-def describe(kind, *, k, n, kpr, flags, align, x, g, m, s, kidx, tcode, pfac, need, hp, r2, out):
-    """The int64 descriptor ``Desc`` of one phase (the arrays must outlive the call)."""
+def describe(*, k, n, kpr, flags, align, x, g, m, s, kidx, tcode, pfac, need, hp):
+    """The int64 descriptor of a layer (the arrays must outlive its use); ``phase`` fills in
+    the phase kind and the output arrays."""
     desc = np.zeros(DESC_LEN, np.int64)
-    desc[[_KIND, _K, _N, _KPR, _FLAGS, _ALIGN]] = kind, k, n, kpr, flags, align
+    desc[[_K, _N, _KPR, _FLAGS, _ALIGN]] = k, n, kpr, flags, align
     for slot, arr in ((_X, x), (_G, g), (_M, m), (_KIDX, kidx), (_HP, hp)):
         desc[slot] = arr.ctypes.data
     for slot, size, arr in (
@@ -217,6 +237,18 @@ def describe(kind, *, k, n, kpr, flags, align, x, g, m, s, kidx, tcode, pfac, ne
         (_NEED, _LEN_NEED, need),
     ):
         desc[slot], desc[size] = arr.ctypes.data, arr.size
-    desc[_R2], desc[_P], desc[_ROWS] = r2.ctypes.data, r2.shape[1], r2.shape[0]
-    desc[_OUT] = out.ctypes.data
     return desc
+
+
+def phase(desc: np.ndarray, kind: int, r2: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """A copy of the layer descriptor ``desc`` for phase ``kind``: POM sums go to the rows of
+    ``r2`` (one per thread), skipped counts to ``out`` (one per thread)."""
+    d = desc.copy()
+    d[_KIND], d[_R2], d[_P], d[_ROWS], d[_OUT] = (
+        kind,
+        r2.ctypes.data,
+        r2.shape[1],
+        r2.shape[0],
+        out.ctypes.data,
+    )
+    return d
