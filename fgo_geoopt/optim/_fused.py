@@ -892,12 +892,28 @@ class FusedJob:
         kidx, tcode = plan["kidx"], plan["tcode"]
         own = coll.pom_ptr is None  # one kernel per POM: each kernel is its own Eq. (7) unit
         coupled = not own and (adaptive or check)
-        pfac = np.ones(1 if own else coll.num_poms, x.dtype)
+        # Arrays reused from step to step (a team descriptor points at them): the factors per
+        # POM, the POMs that need exact norms, the hyper-parameters.
+        reuse = plan.get("reuse")
+        if reuse is None or reuse["dtype"] != x.dtype:
+            size = 1 if own else coll.num_poms
+            reuse = plan["reuse"] = {
+                "dtype": x.dtype,
+                "pfac": np.ones(size, x.dtype),
+                "need": np.ones(size, np.uint8),
+                "hp": np.empty_like(hp),
+                "kidx_name": kidx.dtype.name,
+            }
+        pfac, need = reuse["pfac"], reuse["need"]
+        if not coupled:
+            pfac.fill(1)
+        reuse["hp"][:] = hp
+        hp = reuse["hp"]
 
         align = TILE if module is _fused3x3 else 16  # the tiles of the 3x3 buffers
         path = "3x3" if module is _fused3x3 else "columns"
-        if x.dtype == np.float32 and path in ("3x3", "columns"):
-            self.team = (path, kidx.dtype)
+        if x.dtype == np.float32:
+            self.team = (path, reuse["kidx_name"])
         flags = (
             scaled * TEAM_SCALED
             + own * TEAM_OWN
@@ -906,25 +922,25 @@ class FusedJob:
             + check * TEAM_CHECK
         )
         sums = {}  # per-piece rows of POM sums: "bounds", "exact"
-        need = np.ones(1 if own else coll.num_poms, np.uint8)
-
-        layer_desc = []
+        refreshed = []
 
         def team_phase(kind, threads):
             """This layer's part of a team call for phase ``kind`` (``_team``): the descriptor
             and a function that returns the skipped count once the call is done."""
             team = _team_module()
-            if not layer_desc:
-                layer_desc.append(
-                    team.describe(
-                        **dict(k=num_k, n=x.shape[1], kpr=kpr, flags=flags, align=align),
-                        **dict(x=x, g=g, m=m, s=s, kidx=kidx, tcode=tcode, pfac=pfac),
-                        **dict(need=need, hp=hp),
-                    )
+            layer = reuse.get("layer")
+            if layer is None:
+                layer = reuse["layer"] = team.describe(
+                    **dict(k=num_k, n=x.shape[1], kpr=kpr, flags=0, align=align),
+                    **dict(x=x, g=g, m=m, s=s, kidx=kidx, tcode=tcode, pfac=pfac),
+                    **dict(need=need, hp=hp),
                 )
+            if not refreshed:  # once a step: what may change from step to step
+                team.refresh(layer, flags, x, g, m, s)
+                refreshed.append(True)
             r2 = sums.get("bounds" if kind == team.BOUNDS else "exact", _NO_SUMS)
             out = np.zeros(threads, np.int64)
-            desc = team.phase(layer_desc[0], kind, r2, out)
+            desc = team.phase(layer, kind, r2, out)
             keep = (r2, out)  # alive until the call is done
 
             def skipped():
@@ -998,8 +1014,8 @@ class FusedJob:
             (update_only, True, None, TEAM_UPDATE),
         ]
 
-    #: ``(path, kernel index dtype)`` where the layer may run on torch's OpenMP team.
-    team: tuple[str, np.dtype] | None = None
+    #: ``(path, kernel index dtype name)`` where the layer may run on torch's OpenMP team.
+    team: tuple[str, str] | None = None
 
     def prepare(self, parts: int) -> None:
         """Called by ``run_jobs`` with the number of pieces of a split phase."""
@@ -1022,11 +1038,11 @@ def run_jobs(jobs: list[FusedJob], threads: int | None = None) -> int:
             team is not None
             and job.team is not None
             and job.numel >= TEAM_MIN_NUMEL
-            and team.available(job.team[0], np.float32, job.team[1])
+            and job.team in team.ENTRIES
         )
         if job.on_team:
             job.parts = threads
-            job.team_key = (job.team[0], np.dtype(job.team[1]).name)
+            job.team_key = job.team
         else:
             job.parts = max(1, job.numel // PIECE_NUMEL) if threads > 1 else 1
         job.prepare(job.parts)
@@ -1079,7 +1095,7 @@ def _team_module():
         try:
             from . import _team
 
-            _TEAM.append(_team if _team.available("3x3", np.float32, np.uint16) else None)
+            _TEAM.append(_team if ("3x3", "uint16") in _team.ENTRIES else None)
         except Exception:  # any failure here only costs speed: the thread pool remains
             _TEAM.append(None)
     return _TEAM[0]

@@ -30,7 +30,7 @@ from numba.core.extending import intrinsic
 from . import _fused3x3, _fused_columns
 from ._fused import _jit
 
-__all__ = ["BOUNDS", "NORMS", "UPDATE", "available", "describe", "phase", "run"]
+__all__ = ["BOUNDS", "ENTRIES", "NORMS", "UPDATE", "describe", "phase", "refresh", "run"]
 
 BOUNDS, NORMS, UPDATE = 0, 1, 2  # as _fused.TEAM_*
 # int64 descriptor of one phase of one layer
@@ -144,7 +144,8 @@ def _find_libgomp():
 
 
 _LIB = _find_libgomp()
-_ENTRIES: dict[tuple[str, str], int] = {}
+#: team entry point per ``(path, kernel index dtype name)`` (empty: no team here)
+ENTRIES: dict[tuple[str, str], int] = {}
 
 if _LIB is not None:
     # the cfuncs call these by name; resolve the names to torch's runtime before compiling
@@ -202,7 +203,7 @@ if _LIB is not None:
             kidx = carray(_ptr(d[_KIDX]), (d[_K],), np.int8)
             _body(d, False, x, g, m, s, kidx, tcode, pfac, need, hp, tid, nth)
 
-    _ENTRIES = {
+    ENTRIES = {
         ("3x3", "uint16"): _team_3x3_u16.address,
         ("3x3", "int8"): _team_3x3_i8.address,
         ("columns", "uint16"): _team_columns_u16.address,
@@ -210,16 +211,11 @@ if _LIB is not None:
     }
 
 
-def available(path: str, dtype, kidx_dtype) -> bool:
-    """Whether layers of this path and these dtypes can run on torch's OpenMP team."""
-    return np.dtype(dtype) == np.float32 and (path, np.dtype(kidx_dtype).name) in _ENTRIES
-
-
-def run(path: str, kidx_dtype, descs: list[np.ndarray], threads: int) -> None:
+def run(path: str, kidx_name: str, descs: list[np.ndarray], threads: int) -> None:
     """Run the phases described by ``descs`` (layers of one path and index type) on a team of
     ``threads`` threads: one team call for all of them. Blocks until done."""
     table = np.concatenate([np.array([len(descs)], np.int64), *descs])
-    entry = _ENTRIES[(path, np.dtype(kidx_dtype).name)]
+    entry = ENTRIES[(path, kidx_name)]
     _GOMP_PARALLEL(entry, table.ctypes.data, threads, 0)
 
 
@@ -238,6 +234,12 @@ def describe(*, k, n, kpr, flags, align, x, g, m, s, kidx, tcode, pfac, need, hp
     ):
         desc[slot], desc[size] = arr.ctypes.data, arr.size
     return desc
+
+
+def refresh(desc: np.ndarray, flags: int, x, g, m, s) -> None:
+    """Update what may change between steps: the flags and the step's arrays."""
+    desc[_FLAGS], desc[_X], desc[_G], desc[_M] = flags, x.ctypes.data, g.ctypes.data, m.ctypes.data
+    desc[_S], desc[_LEN_S] = s.ctypes.data, s.size
 
 
 def phase(desc: np.ndarray, kind: int, r2: np.ndarray, out: np.ndarray) -> np.ndarray:
