@@ -932,7 +932,6 @@ class FusedJob:
             layer = reuse.get("layer")
             if layer is None:
                 layer = reuse["layer"] = team.describe(
-                    self.team,
                     **dict(k=num_k, n=x.shape[1], kpr=kpr, flags=0, align=align),
                     **dict(x=x, g=g, m=m, s=s, kidx=kidx, tcode=tcode, pfac=pfac),
                     **dict(need=need, hp=hp),
@@ -1044,12 +1043,13 @@ def run_jobs(jobs: list[FusedJob], threads: int | None = None) -> int:
         )
         if job.on_team:
             job.parts = threads
+            job.team_key = job.team
         else:
             job.parts = max(1, job.numel // PIECE_NUMEL) if threads > 1 else 1
         job.prepare(job.parts)
     skipped = 0
     for phase in range(max((len(j.phases) for j in jobs), default=0)):
-        pieces, on_team, counts = [], [], []
+        pieces, on_team, counts = [], {}, []
         for job in jobs:
             if phase >= len(job.phases):
                 continue
@@ -1059,13 +1059,13 @@ def run_jobs(jobs: list[FusedJob], threads: int | None = None) -> int:
                 continue  # nothing to do in this phase (decided by an earlier one)
             if split and job.on_team:
                 desc, count = job.team_phase(rest[1], threads)
-                on_team.append(desc)
+                on_team.setdefault(job.team_key, []).append(desc)
                 counts.append(count)
                 continue
             parts = job.parts if split else 1
             pieces += [(job.numel // parts, fn, c, parts) for c in range(parts)]
-        if on_team:  # one team call for all of them
-            team.run(on_team, threads)
+        for (path, kidx_dtype), descs in on_team.items():  # one team call per path and type
+            team.run(path, kidx_dtype, descs, threads)
         skipped += sum(count() for count in counts)
         pieces.sort(key=lambda piece: -piece[0])
         queue = iter(pieces)

@@ -8,7 +8,7 @@ threads are the spinning workers themselves, so a layer's update runs on all cor
 Where torch runs on GNU OpenMP from its own ``libgomp`` (Linux wheels), ``GOMP_parallel`` of
 that library is called through ctypes with a numba ``cfunc`` that does thread ``t``'s share of a
 phase. The work is described by int64 arrays, one per layer (``describe``, ``phase``), and one team
-call does a phase of all layers. Float32 layers with one- or two-byte
+call does a phase of all layers of one path. Float32 layers with one- or two-byte
 kernel indices, the common case, have cached entry points; everything else keeps the Python
 thread pool of ``_fused``. ``FGO_DISABLE_OMP_TEAM=1`` switches this off.
 """
@@ -58,10 +58,8 @@ BOUNDS, NORMS, UPDATE = 0, 1, 2  # as _fused.TEAM_*
     _P,
     _OUT,
     _ROWS,
-    _PATH,
-    _KIDX_TYPE,
-) = range(25)
-DESC_LEN = 25
+) = range(23)
+DESC_LEN = 23
 _SCALED, _OWN, _ADAPTIVE, _USE_MOM, _CHECK = 1, 2, 4, 8, 16
 
 _omp_thread = types.ExternalFunction("omp_get_thread_num", types.intc())
@@ -126,31 +124,6 @@ def _arrays_f32(d):
     )
 
 
-#: float32 layers of these paths and kernel index types run on the team; the code is in the
-#: descriptor (``_PATH``, ``_KIDX_TYPE``)
-KINDS = {
-    ("3x3", "uint16"): (1, 0),
-    ("3x3", "int8"): (1, 1),
-    ("columns", "uint16"): (0, 0),
-    ("columns", "int8"): (0, 1),
-}
-
-
-@njit(**_jit)
-def _run_table(layers, data, tid, nth):
-    table = carray(data, (1 + layers * DESC_LEN,), np.int64)
-    for i in range(layers):  # every thread does its share of every layer
-        d = table[1 + i * DESC_LEN : 1 + (i + 1) * DESC_LEN]
-        x, g, m, s, tcode, pfac, need, hp = _arrays_f32(d)
-        is3x3 = d[_PATH] == 1
-        if d[_KIDX_TYPE] == 0:
-            kidx16 = carray(_ptr(d[_KIDX]), (d[_K],), np.uint16)
-            _body(d, is3x3, x, g, m, s, kidx16, tcode, pfac, need, hp, tid, nth)
-        else:
-            kidx8 = carray(_ptr(d[_KIDX]), (d[_K],), np.int8)
-            _body(d, is3x3, x, g, m, s, kidx8, tcode, pfac, need, hp, tid, nth)
-
-
 def _find_libgomp():
     """torch's own GNU OpenMP runtime, if torch runs on it and has loaded it already."""
     if sys.platform != "linux" or os.environ.get("FGO_DISABLE_OMP_TEAM", "0") == "1":
@@ -171,8 +144,8 @@ def _find_libgomp():
 
 
 _LIB = _find_libgomp()
-#: the ``(path, kernel index dtype name)`` that run on the team (empty: no team here)
-ENTRIES: set[tuple[str, str]] = set()
+#: team entry point per ``(path, kernel index dtype name)`` (empty: no team here)
+ENTRIES: dict[tuple[str, str], int] = {}
 
 if _LIB is not None:
     # the cfuncs call these by name; resolve the names to torch's runtime before compiling
@@ -182,28 +155,75 @@ if _LIB is not None:
     _GOMP_PARALLEL.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
     _GOMP_PARALLEL.restype = None
 
-    @cfunc(types.void(types.voidptr), nopython=True, cache=True)
-    def _entry(data):
-        """What every team thread runs: its share of every layer in the table at ``data``."""
-        _run_table(carray(data, (1,), np.int64)[0], data, _omp_thread(), _omp_threads())
+    # One entry point per (path, kernel index type), float32; cached on disk like the kernels.
+    _SIG = types.void(types.voidptr)
+    _CF = {"nopython": True, "cache": True}
 
-    _ENTRY = _entry.address
-    ENTRIES = set(KINDS)
+    @cfunc(_SIG, **_CF)
+    def _team_3x3_u16(data):
+        tid, nth = _omp_thread(), _omp_threads()
+        layers = carray(data, (1,), np.int64)[0]
+        table = carray(data, (1 + layers * DESC_LEN,), np.int64)
+        for i in range(layers):  # every thread does its share of every layer
+            d = table[1 + i * DESC_LEN : 1 + (i + 1) * DESC_LEN]
+            x, g, m, s, tcode, pfac, need, hp = _arrays_f32(d)
+            kidx = carray(_ptr(d[_KIDX]), (d[_K],), np.uint16)
+            _body(d, True, x, g, m, s, kidx, tcode, pfac, need, hp, tid, nth)
+
+    @cfunc(_SIG, **_CF)
+    def _team_3x3_i8(data):
+        tid, nth = _omp_thread(), _omp_threads()
+        layers = carray(data, (1,), np.int64)[0]
+        table = carray(data, (1 + layers * DESC_LEN,), np.int64)
+        for i in range(layers):  # every thread does its share of every layer
+            d = table[1 + i * DESC_LEN : 1 + (i + 1) * DESC_LEN]
+            x, g, m, s, tcode, pfac, need, hp = _arrays_f32(d)
+            kidx = carray(_ptr(d[_KIDX]), (d[_K],), np.int8)
+            _body(d, True, x, g, m, s, kidx, tcode, pfac, need, hp, tid, nth)
+
+    @cfunc(_SIG, **_CF)
+    def _team_columns_u16(data):
+        tid, nth = _omp_thread(), _omp_threads()
+        layers = carray(data, (1,), np.int64)[0]
+        table = carray(data, (1 + layers * DESC_LEN,), np.int64)
+        for i in range(layers):  # every thread does its share of every layer
+            d = table[1 + i * DESC_LEN : 1 + (i + 1) * DESC_LEN]
+            x, g, m, s, tcode, pfac, need, hp = _arrays_f32(d)
+            kidx = carray(_ptr(d[_KIDX]), (d[_K],), np.uint16)
+            _body(d, False, x, g, m, s, kidx, tcode, pfac, need, hp, tid, nth)
+
+    @cfunc(_SIG, **_CF)
+    def _team_columns_i8(data):
+        tid, nth = _omp_thread(), _omp_threads()
+        layers = carray(data, (1,), np.int64)[0]
+        table = carray(data, (1 + layers * DESC_LEN,), np.int64)
+        for i in range(layers):  # every thread does its share of every layer
+            d = table[1 + i * DESC_LEN : 1 + (i + 1) * DESC_LEN]
+            x, g, m, s, tcode, pfac, need, hp = _arrays_f32(d)
+            kidx = carray(_ptr(d[_KIDX]), (d[_K],), np.int8)
+            _body(d, False, x, g, m, s, kidx, tcode, pfac, need, hp, tid, nth)
+
+    ENTRIES = {
+        ("3x3", "uint16"): _team_3x3_u16.address,
+        ("3x3", "int8"): _team_3x3_i8.address,
+        ("columns", "uint16"): _team_columns_u16.address,
+        ("columns", "int8"): _team_columns_i8.address,
+    }
 
 
-def run(descs: list[np.ndarray], threads: int) -> None:
-    """Run the phases described by ``descs`` on a team of ``threads`` threads: one team call
-    for all layers. Blocks until done."""
+def run(path: str, kidx_name: str, descs: list[np.ndarray], threads: int) -> None:
+    """Run the phases described by ``descs`` (layers of one path and index type) on a team of
+    ``threads`` threads: one team call for all of them. Blocks until done."""
     table = np.concatenate([np.array([len(descs)], np.int64), *descs])
-    _GOMP_PARALLEL(_ENTRY, table.ctypes.data, threads, 0)
+    entry = ENTRIES[(path, kidx_name)]
+    _GOMP_PARALLEL(entry, table.ctypes.data, threads, 0)
 
 
-def describe(key, *, k, n, kpr, flags, align, x, g, m, s, kidx, tcode, pfac, need, hp):
-    """The int64 descriptor of a layer of ``key = (path, kernel index dtype name)`` (the arrays
-    must outlive its use); ``phase`` fills in the phase kind and the output arrays."""
+def describe(*, k, n, kpr, flags, align, x, g, m, s, kidx, tcode, pfac, need, hp):
+    """The int64 descriptor of a layer (the arrays must outlive its use); ``phase`` fills in
+    the phase kind and the output arrays."""
     desc = np.zeros(DESC_LEN, np.int64)
     desc[[_K, _N, _KPR, _FLAGS, _ALIGN]] = k, n, kpr, flags, align
-    desc[_PATH], desc[_KIDX_TYPE] = KINDS[key]
     for slot, arr in ((_X, x), (_G, g), (_M, m), (_KIDX, kidx), (_HP, hp)):
         desc[slot] = arr.ctypes.data
     for slot, size, arr in (
