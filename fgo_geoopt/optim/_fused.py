@@ -12,9 +12,9 @@ Each layer takes the path that suits its kernel shape:
 * other large kernels: a POM at a time, a kernel at a time (``_aos_chunk`` here).
 
 The first two split a layer by kernels and settle the Eq. (7) factors in phases (see
-``FusedJob``); ``run_jobs`` hands all layers of a parameter group to the threads together. The
-maths is the batched torch path of ``_batched.py``; tests keep every path equal to
-``reference.py``.
+``FusedJob``); ``run_jobs`` runs all layers of a parameter group together, on torch's own OpenMP
+threads where it can (``_team``), else on a thread pool. The maths is the batched torch path of
+``_batched.py``; tests keep every path equal to ``reference.py``.
 """
 
 from __future__ import annotations
