@@ -40,7 +40,6 @@ __all__ = [
     "AVAILABLE",
     "FusedJob",
     "buffer_layout",
-    "fused_collection_step",
     "fused_supported",
     "run_jobs",
 ]
@@ -932,9 +931,8 @@ class FusedJob:
             layer = reuse.get("layer")
             if layer is None:
                 layer = reuse["layer"] = team.describe(
-                    **dict(k=num_k, n=x.shape[1], kpr=kpr, flags=0, align=align),
-                    **dict(x=x, g=g, m=m, s=s, kidx=kidx, tcode=tcode, pfac=pfac),
-                    **dict(need=need, hp=hp),
+                    **dict(k=num_k, n=x.shape[1], kpr=kpr, align=align),
+                    **dict(kidx=kidx, tcode=tcode, pfac=pfac, need=need, hp=hp),
                 )
             if not refreshed:  # once a step: what may change from step to step
                 team.refresh(layer, flags, x, g, m, s)
@@ -1106,13 +1104,6 @@ def _team_module():
             )
             _TEAM.append(None)
     return _TEAM[0]
-
-
-def fused_collection_step(coll, x2d, g2d, m2d, **hyper) -> int:
-    """Run the fused step of one collection in place on ``(K, n)`` arrays (see ``FusedJob``);
-    returns the number of skipped POMs. ``m2d`` is the momentum buffer in unit coordinates,
-    in the layout ``buffer_layout(coll)``, or ``None`` without momentum."""
-    return run_jobs([FusedJob(coll, x2d, g2d, m2d, **hyper)])
 
 
 def buffer_layout(coll) -> int | None:

@@ -28,11 +28,21 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from . import _fused3x3, _fused_columns
-from ._fused import _jit
+from ._fused import (
+    TEAM_ADAPTIVE,
+    TEAM_BOUNDS,
+    TEAM_CHECK,
+    TEAM_NORMS,
+    TEAM_OWN,
+    TEAM_SCALED,
+    TEAM_UPDATE,
+    TEAM_USE_MOM,
+    _jit,
+)
 
 __all__ = ["BOUNDS", "ENTRIES", "NORMS", "UPDATE", "describe", "phase", "refresh", "run"]
 
-BOUNDS, NORMS, UPDATE = 0, 1, 2  # as _fused.TEAM_*
+BOUNDS, NORMS, UPDATE = TEAM_BOUNDS, TEAM_NORMS, TEAM_UPDATE
 # int64 descriptor of one phase of one layer
 (
     _KIND,
@@ -60,7 +70,6 @@ BOUNDS, NORMS, UPDATE = 0, 1, 2  # as _fused.TEAM_*
     _ROWS,
 ) = range(23)
 DESC_LEN = 23
-_SCALED, _OWN, _ADAPTIVE, _USE_MOM, _CHECK = 1, 2, 4, 8, 16
 
 _omp_thread = types.ExternalFunction("omp_get_thread_num", types.intc())
 _omp_threads = types.ExternalFunction("omp_get_num_threads", types.intc())
@@ -88,8 +97,9 @@ def _share(d, tid, nth):
 @njit(**_jit)
 def _body(d, is3x3, x, g, m, s, kidx, tcode, pfac, need, hp, tid, nth):
     flags = d[_FLAGS]
-    scaled, own = flags & _SCALED != 0, flags & _OWN != 0
-    adaptive, use_mom, check = flags & _ADAPTIVE != 0, flags & _USE_MOM != 0, flags & _CHECK != 0
+    scaled, own = flags & TEAM_SCALED != 0, flags & TEAM_OWN != 0
+    adaptive, use_mom = flags & TEAM_ADAPTIVE != 0, flags & TEAM_USE_MOM != 0
+    check = flags & TEAM_CHECK != 0
     k0, k1 = _share(d, tid, nth)
     kpr, kind = d[_KPR], d[_KIND]
     if kind == UPDATE:
@@ -124,6 +134,16 @@ def _arrays_f32(d):
     )
 
 
+@njit(**_jit)
+def _layers(table, is3x3, kidx_type, tid, nth):
+    """Thread ``tid`` of ``nth``: its share of every layer described in ``table``."""
+    for i in range(table[0]):
+        d = table[1 + i * DESC_LEN : 1 + (i + 1) * DESC_LEN]
+        x, g, m, s, tcode, pfac, need, hp = _arrays_f32(d)
+        kidx = carray(_ptr(d[_KIDX]), (d[_K],), kidx_type)
+        _body(d, is3x3, x, g, m, s, kidx, tcode, pfac, need, hp, tid, nth)
+
+
 def _find_libgomp():
     """torch's own GNU OpenMP runtime, if torch runs on it and has loaded it already."""
     if sys.platform != "linux" or os.environ.get("FGO_DISABLE_OMP_TEAM", "0") == "1":
@@ -155,59 +175,25 @@ if _LIB is not None:
     _GOMP_PARALLEL.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
     _GOMP_PARALLEL.restype = None
 
-    # One entry point per (path, kernel index type), float32; cached on disk like the kernels.
+    # One entry point per (path, kernel index type), float32.
     _SIG = types.void(types.voidptr)
     _CF = {"nopython": True, "cache": True}
 
-    @cfunc(_SIG, **_CF)
-    def _team_3x3_u16(data):
-        tid, nth = _omp_thread(), _omp_threads()
-        layers = carray(data, (1,), np.int64)[0]
-        table = carray(data, (1 + layers * DESC_LEN,), np.int64)
-        for i in range(layers):  # every thread does its share of every layer
-            d = table[1 + i * DESC_LEN : 1 + (i + 1) * DESC_LEN]
-            x, g, m, s, tcode, pfac, need, hp = _arrays_f32(d)
-            kidx = carray(_ptr(d[_KIDX]), (d[_K],), np.uint16)
-            _body(d, True, x, g, m, s, kidx, tcode, pfac, need, hp, tid, nth)
+    def _entry(is3x3, kidx_type):
+        """The team function for float32 layers of one path and kernel index type."""
 
-    @cfunc(_SIG, **_CF)
-    def _team_3x3_i8(data):
-        tid, nth = _omp_thread(), _omp_threads()
-        layers = carray(data, (1,), np.int64)[0]
-        table = carray(data, (1 + layers * DESC_LEN,), np.int64)
-        for i in range(layers):  # every thread does its share of every layer
-            d = table[1 + i * DESC_LEN : 1 + (i + 1) * DESC_LEN]
-            x, g, m, s, tcode, pfac, need, hp = _arrays_f32(d)
-            kidx = carray(_ptr(d[_KIDX]), (d[_K],), np.int8)
-            _body(d, True, x, g, m, s, kidx, tcode, pfac, need, hp, tid, nth)
+        @cfunc(_SIG, **_CF)
+        def entry(data):
+            layers = carray(data, (1,), np.int64)[0]
+            table = carray(data, (1 + layers * DESC_LEN,), np.int64)
+            _layers(table, is3x3, kidx_type, _omp_thread(), _omp_threads())
 
-    @cfunc(_SIG, **_CF)
-    def _team_columns_u16(data):
-        tid, nth = _omp_thread(), _omp_threads()
-        layers = carray(data, (1,), np.int64)[0]
-        table = carray(data, (1 + layers * DESC_LEN,), np.int64)
-        for i in range(layers):  # every thread does its share of every layer
-            d = table[1 + i * DESC_LEN : 1 + (i + 1) * DESC_LEN]
-            x, g, m, s, tcode, pfac, need, hp = _arrays_f32(d)
-            kidx = carray(_ptr(d[_KIDX]), (d[_K],), np.uint16)
-            _body(d, False, x, g, m, s, kidx, tcode, pfac, need, hp, tid, nth)
-
-    @cfunc(_SIG, **_CF)
-    def _team_columns_i8(data):
-        tid, nth = _omp_thread(), _omp_threads()
-        layers = carray(data, (1,), np.int64)[0]
-        table = carray(data, (1 + layers * DESC_LEN,), np.int64)
-        for i in range(layers):  # every thread does its share of every layer
-            d = table[1 + i * DESC_LEN : 1 + (i + 1) * DESC_LEN]
-            x, g, m, s, tcode, pfac, need, hp = _arrays_f32(d)
-            kidx = carray(_ptr(d[_KIDX]), (d[_K],), np.int8)
-            _body(d, False, x, g, m, s, kidx, tcode, pfac, need, hp, tid, nth)
+        return entry
 
     ENTRIES = {
-        ("3x3", "uint16"): _team_3x3_u16.address,
-        ("3x3", "int8"): _team_3x3_i8.address,
-        ("columns", "uint16"): _team_columns_u16.address,
-        ("columns", "int8"): _team_columns_i8.address,
+        (path, kidx.__name__): _entry(path == "3x3", kidx).address
+        for path in ("3x3", "columns")
+        for kidx in (np.uint16, np.int8)
     }
 
 
@@ -219,15 +205,13 @@ def run(path: str, kidx_name: str, descs: list[np.ndarray], threads: int) -> Non
     _GOMP_PARALLEL(entry, table.ctypes.data, threads, 0)
 
 
-def describe(*, k, n, kpr, flags, align, x, g, m, s, kidx, tcode, pfac, need, hp):
-    """The int64 descriptor of a layer (the arrays must outlive its use); ``phase`` fills in
-    the phase kind and the output arrays."""
+def describe(*, k, n, kpr, align, kidx, tcode, pfac, need, hp):
+    """The int64 descriptor of a layer, its parts fixed for the layer's life (the arrays must
+    outlive it); ``refresh`` sets the step's parts, ``phase`` the phase and outputs."""
     desc = np.zeros(DESC_LEN, np.int64)
-    desc[[_K, _N, _KPR, _FLAGS, _ALIGN]] = k, n, kpr, flags, align
-    for slot, arr in ((_X, x), (_G, g), (_M, m), (_KIDX, kidx), (_HP, hp)):
-        desc[slot] = arr.ctypes.data
+    desc[[_K, _N, _KPR, _ALIGN]] = k, n, kpr, align
+    desc[_KIDX], desc[_HP] = kidx.ctypes.data, hp.ctypes.data
     for slot, size, arr in (
-        (_S, _LEN_S, s),
         (_TCODE, _LEN_TCODE, tcode),
         (_PFAC, _LEN_PFAC, pfac),
         (_NEED, _LEN_NEED, need),
