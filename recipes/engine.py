@@ -35,6 +35,13 @@ def _bar(iterable, *, total: int, desc: str, enabled: bool):
     )
 
 
+def _to_device(x, y, device: torch.device, channels_last: bool):
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader,
@@ -66,10 +73,7 @@ def train_one_epoch(
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     bar = _bar(loader, total=len(loader), desc=f"{desc} {epoch}", enabled=progress)
     for x, y in bar:
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, y = _to_device(x, y, device, channels_last)
         with autocast(device, amp_dtype):
             out = model(x)
             loss = loss_fn(out, y)
@@ -130,10 +134,7 @@ def evaluate(
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
     bar = _bar(loader, total=len(loader), desc=desc, enabled=progress)
     for x, y in bar:
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, y = _to_device(x, y, device, channels_last)
         with autocast(device, amp_dtype):
             out = model(x)
         out = out.float()
