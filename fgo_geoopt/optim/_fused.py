@@ -47,7 +47,8 @@ __all__ = [
 AVAILABLE = numba is not None and os.environ.get("FGO_DISABLE_NUMBA", "0") != "1"
 
 SPHERE, OBLIQUE, STIEFEL, EUCLIDEAN = 0, 1, 2, 3
-#: Kernels with at most this many entries use the structure-of-arrays block path.
+#: Other kernels (not 3x3, not one column) with at most this many entries use the
+#: structure-of-arrays block path; larger ones the per-kernel loops (``_aos_chunk``).
 SOA_MAX_NUMEL = 64
 #: Target number of kernels in one block of the structure-of-arrays path.
 BLOCK_KERNELS = 256
@@ -591,7 +592,7 @@ if numba is not None:
             q0 = p if singleton else pom_ptr[p]
             q1 = p + 1 if singleton else pom_ptr[p + 1]
             sc = scaled and code != EUCLIDEAN
-            col = ncol == 1  # every filter-view kernel: contiguous loops
+            col = ncol == 1  # sphere and Euclidean kernels: the whole kernel is one column
             euc = code == EUCLIDEAN
             inv_tau = 1.0
             have_rg = False
