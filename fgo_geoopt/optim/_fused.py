@@ -974,7 +974,7 @@ class FusedJob:
         def bounds(c, parts):
             k0, k1 = _bounds(num_k, c, parts, align)
             rows = sums["bounds"]
-            _fused_columns.bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, rows[c])
+            module.bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, rows[c])
             return 0
 
         def decide(c, parts):

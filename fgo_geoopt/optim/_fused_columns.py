@@ -56,23 +56,27 @@ def _sqnorm(x, g, s, sc, eu, sign, wd, a):
 def bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, r2):
     """Upper bounds of the squared Riemannian gradient norms of the kernels in ``[k0, k1)``,
     summed per POM into ``r2``: ``|g|^2`` in unit coordinates (a tangent projection never
-    lengthens a vector), exact for Euclidean kernels (``|g + wd x|^2``, no projection)."""
+    lengthens a vector), exact for Euclidean kernels (``|g + wd x|^2``, no projection).
+
+    Only Euclidean kernels under weight decay read ``x``: the pass costs one read of ``g``."""
     n = x.shape[1]
     wd = hp[_SIGN] * hp[_WD]  # (sign g + wd x)^2 == (g + sign wd x)^2
     for k in range(k0, k1):
         p = kidx[k]
         eu = tcode[p] == EUCLIDEAN
-        e = wd if eu else hp[_ZERO]
         t = hp[_ZERO]
         if scaled and not eu:
             off = (k % kpr) * n
             for j in range(n):
                 v = g[k, j] * s[off + j]
                 t += v * v
+        elif eu and wd != 0:
+            for j in range(n):
+                v = g[k, j] + wd * x[k, j]
+                t += v * v
         else:
             for j in range(n):
-                v = g[k, j] + e * x[k, j]
-                t += v * v
+                t += g[k, j] * g[k, j]
         r2[p] += t
 
 

@@ -111,7 +111,9 @@ def _body(d, is3x3, x, g, m, s, kidx, tcode, pfac, need, hp, tid, nth):
         carray(_ptr(d[_OUT]), (d[_ROWS],), np.int64)[tid] = skipped
         return
     r2 = carray(_ptr(d[_R2]), (d[_ROWS], d[_P]), np.float64)[tid]
-    if kind == BOUNDS:
+    if kind == BOUNDS and is3x3:
+        _fused3x3.bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, r2)
+    elif kind == BOUNDS:
         _fused_columns.bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, r2)
     elif is3x3:
         _fused3x3.pass1(x, g, s, kpr, scaled, kidx, tcode, need, k0, k1, hp, r2)
