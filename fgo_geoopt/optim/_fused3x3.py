@@ -78,6 +78,23 @@ def hyper_array(dtype, *, lr, c_old, c_new, a_r, a_b, weight_decay, sign) -> np.
     return np.array([*values, tiny * tiny, (16.0 * eps) ** 2], dtype=dtype)
 
 
+# Lane logic through these three helpers (no ``if``/``and``/``not`` on lane values in the
+# helpers below): ``_fused16`` evaluates the same helpers on vectors of 16 lanes.
+@njit(**_inline)
+def _where(c, a, b):
+    return a if c else b
+
+
+@njit(**_inline)
+def _and(a, b):
+    return a and b
+
+
+@njit(**_inline)
+def _not(a):
+    return not a
+
+
 @njit(**_inline)
 def _normal(tp, zero, half, x, v):
     """``N`` of the normal part ``X N`` of ``v``, as ``(n00, n11, n22, n01, n02, n12)``."""
@@ -86,13 +103,13 @@ def _normal(tp, zero, half, x, v):
     c22 = x[2] * v[2] + x[5] * v[5] + x[8] * v[8]
     tr = c00 + c11 + c22
     sp, st, eu = tp == SPHERE, tp == STIEFEL, tp == EUCLIDEAN
-    n00 = tr if sp else (zero if eu else c00)
-    n11 = tr if sp else (zero if eu else c11)
-    n22 = tr if sp else (zero if eu else c22)
+    n00 = _where(sp, tr, _where(eu, zero, c00))
+    n11 = _where(sp, tr, _where(eu, zero, c11))
+    n22 = _where(sp, tr, _where(eu, zero, c22))
     n01 = (x[0] * v[1] + x[3] * v[4] + x[6] * v[7] + x[1] * v[0] + x[4] * v[3] + x[7] * v[6]) * half
     n02 = (x[0] * v[2] + x[3] * v[5] + x[6] * v[8] + x[2] * v[0] + x[5] * v[3] + x[8] * v[6]) * half
     n12 = (x[1] * v[2] + x[4] * v[5] + x[7] * v[8] + x[2] * v[1] + x[5] * v[4] + x[8] * v[7]) * half
-    return n00, n11, n22, n01 if st else zero, n02 if st else zero, n12 if st else zero
+    return n00, n11, n22, _where(st, n01, zero), _where(st, n02, zero), _where(st, n12, zero)
 
 
 @njit(**_inline)
@@ -116,7 +133,7 @@ def _minus_xn(v, x, n):
 def _rgrad(tp, zero, half, wd, x, g):
     """Riemannian gradient in unit coordinates; weight decay on Euclidean kernels only."""
     r = _minus_xn(g, x, _normal(tp, zero, half, x, g))
-    e = wd if tp == EUCLIDEAN else zero
+    e = _where(tp == EUCLIDEAN, wd, zero)
     return (
         r[0] + e * x[0],
         r[1] + e * x[1],
@@ -173,34 +190,75 @@ def _retract(tp, zero, one, tiny2, eps16sq, y):
     y0, y1, y2 = _col(y, 0), _col(y, 1), _col(y, 2)
     q0, q1, q2 = _dot3(y0, y0), _dot3(y1, y1), _dot3(y2, y2)
     qq = q0 + q1 + q2
-    f0 = one if eu else one / np.sqrt(qq if sp else q0)
+    f0 = _where(eu, one, one / np.sqrt(_where(sp, qq, q0)))
     u0 = _scale3(f0, y0)
     for _ in range(2):  # CGS2: two passes against the normalised previous columns
         d = _dot3(u0, y1)
-        y1 = _axpy3(d if st else zero, u0, y1)
+        y1 = _axpy3(_where(st, d, zero), u0, y1)
     p1 = _dot3(y1, y1)
-    f1 = one if eu else one / np.sqrt(qq if sp else p1)
+    f1 = _where(eu, one, one / np.sqrt(_where(sp, qq, p1)))
     u1 = _scale3(f1, y1)
     for _ in range(2):
         d = _dot3(u0, y2)
-        y2 = _axpy3(d if st else zero, u0, y2)
+        y2 = _axpy3(_where(st, d, zero), u0, y2)
         d = _dot3(u1, y2)
-        y2 = _axpy3(d if st else zero, u1, y2)
+        y2 = _axpy3(_where(st, d, zero), u1, y2)
     p2 = _dot3(y2, y2)
-    f2 = one if eu else one / np.sqrt(qq if sp else p2)
+    f2 = _where(eu, one, one / np.sqrt(_where(sp, qq, p2)))
     u2 = _scale3(f2, y2)
-    if st:  # as ``orthonormalize``: a column that lost (almost) everything is degenerate
-        bad = not (
-            q0 > eps16sq * max(q0, one)
-            and p1 > eps16sq * max(q1, one)
-            and p2 > eps16sq * max(q2, one)
-        )
-    elif sp:
-        bad = not qq > tiny2
-    else:
-        bad = not eu and not (q0 > tiny2 and q1 > tiny2 and q2 > tiny2)
+    # as ``orthonormalize`` on Stiefel: a column that lost (almost) everything is degenerate
+    ok_st = _and(
+        _and(q0 > eps16sq * max(q0, one), p1 > eps16sq * max(q1, one)),
+        p2 > eps16sq * max(q2, one),
+    )
+    ok_ob = _and(_and(q0 > tiny2, q1 > tiny2), q2 > tiny2)
+    ok = _where(st, ok_st, _where(sp, qq > tiny2, _where(eu, eu, ok_ob)))
     out = (u0[0], u1[0], u2[0], u0[1], u1[1], u2[1], u0[2], u1[2], u2[2])
-    return out, bad
+    return out, _not(ok)
+
+
+@njit(**_inline)
+def _own_factor(sq, adaptive, check, one, two):
+    """Eq. (7) factor of a kernel that is its own POM, from ``|rgrad|^2``; ``-1``: skipped."""
+    big_r = np.sqrt(sq)
+    tau = big_r * (two + big_r)  # Eq. (7), Ozay 2019
+    f = _where(_and(adaptive, tau > one), one / tau, one)
+    return _where(_and(check, _not(np.isfinite(sq))), -one, f)
+
+
+@njit(**_inline)
+def _move(xi, r, mi, hp_step):
+    """Momentum ``b`` and moved point ``y`` of one kernel (before the retraction)."""
+    lr, c_old, c_new, a_r, a_b = hp_step
+    b = (
+        c_old * mi[0] + c_new * r[0],
+        c_old * mi[1] + c_new * r[1],
+        c_old * mi[2] + c_new * r[2],
+        c_old * mi[3] + c_new * r[3],
+        c_old * mi[4] + c_new * r[4],
+        c_old * mi[5] + c_new * r[5],
+        c_old * mi[6] + c_new * r[6],
+        c_old * mi[7] + c_new * r[7],
+        c_old * mi[8] + c_new * r[8],
+    )
+    y = (
+        xi[0] - lr * (a_r * r[0] + a_b * b[0]),
+        xi[1] - lr * (a_r * r[1] + a_b * b[1]),
+        xi[2] - lr * (a_r * r[2] + a_b * b[2]),
+        xi[3] - lr * (a_r * r[3] + a_b * b[3]),
+        xi[4] - lr * (a_r * r[4] + a_b * b[4]),
+        xi[5] - lr * (a_r * r[5] + a_b * b[5]),
+        xi[6] - lr * (a_r * r[6] + a_b * b[6]),
+        xi[7] - lr * (a_r * r[7] + a_b * b[7]),
+        xi[8] - lr * (a_r * r[8] + a_b * b[8]),
+    )
+    return y, b
+
+
+@njit(**_inline)
+def _transport(tp, zero, half, xn, b):
+    """The buffer projected onto the tangent space at the new point."""
+    return _minus_xn(b, xn, _normal(tp, zero, half, xn, b))
 
 
 @njit(**_jit)
@@ -485,36 +543,10 @@ def pass2(x, g, m, s, kpr, scaled, kidx, tcode, pfac, own, k0, k1, hp, adaptive,
             xi = _lane(X, i)
             r = _rgrad(tp, zero, half, wd, xi, _lane(G, i))
             if own:
-                sq = _sqnorm(r)
-                big_r = np.sqrt(sq)
-                tau = big_r * (two + big_r)  # Eq. (7), Ozay 2019
-                f = one / tau if adaptive and tau > one else one
-                fac[i] = -one if check and not np.isfinite(sq) else f
+                fac[i] = _own_factor(_sqnorm(r), adaptive, check, one, two)
             r = _scale9(fac[i], r)
             if use_mom:
-                mi = _lane(M, i)
-                b = (
-                    c_old * mi[0] + c_new * r[0],
-                    c_old * mi[1] + c_new * r[1],
-                    c_old * mi[2] + c_new * r[2],
-                    c_old * mi[3] + c_new * r[3],
-                    c_old * mi[4] + c_new * r[4],
-                    c_old * mi[5] + c_new * r[5],
-                    c_old * mi[6] + c_new * r[6],
-                    c_old * mi[7] + c_new * r[7],
-                    c_old * mi[8] + c_new * r[8],
-                )
-                y = (
-                    xi[0] - lr * (a_r * r[0] + a_b * b[0]),
-                    xi[1] - lr * (a_r * r[1] + a_b * b[1]),
-                    xi[2] - lr * (a_r * r[2] + a_b * b[2]),
-                    xi[3] - lr * (a_r * r[3] + a_b * b[3]),
-                    xi[4] - lr * (a_r * r[4] + a_b * b[4]),
-                    xi[5] - lr * (a_r * r[5] + a_b * b[5]),
-                    xi[6] - lr * (a_r * r[6] + a_b * b[6]),
-                    xi[7] - lr * (a_r * r[7] + a_b * b[7]),
-                    xi[8] - lr * (a_r * r[8] + a_b * b[8]),
-                )
+                y, b = _move(xi, r, _lane(M, i), (lr, c_old, c_new, a_r, a_b))
             else:
                 b = r
                 y = (
@@ -537,8 +569,7 @@ def pass2(x, g, m, s, kpr, scaled, kidx, tcode, pfac, own, k0, k1, hp, adaptive,
             xn, bad[i] = _retract(tp, zero, one, tiny2, eps16sq, _lane(XO, i))
             _store(XO, i, xn)
             if use_mom:  # transport: project the buffer onto the new tangent space
-                b = _lane(MO, i)
-                _store(MO, i, _minus_xn(b, xn, _normal(tp, zero, half, xn, b)))
+                _store(MO, i, _transport(tp, zero, half, xn, _lane(MO, i)))
         for i in range(nt):
             if bad[i] and fac[i] >= 0:
                 _redo_lane(i, typ[i], X, G, M, XO, MO, fac[i], hp, use_mom)
