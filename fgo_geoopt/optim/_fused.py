@@ -58,7 +58,7 @@ EXACT_STEPS = 16
 TEAM_MIN_NUMEL = 1 << 13
 # team phase kinds and flags (``_team``)
 TEAM_BOUNDS, TEAM_NORMS, TEAM_UPDATE = 0, 1, 2
-TEAM_SCALED, TEAM_OWN, TEAM_ADAPTIVE, TEAM_USE_MOM, TEAM_CHECK = 1, 2, 4, 8, 16
+TEAM_SCALED, TEAM_OWN, TEAM_ADAPTIVE, TEAM_USE_MOM, TEAM_CHECK, TEAM_UNIT = 1, 2, 4, 8, 16, 32
 _NO_SUMS = np.zeros((1, 1))
 #: Entries per piece of work handed to a thread (smaller layers are one piece).
 PIECE_NUMEL = 1 << 19
@@ -750,16 +750,23 @@ def _plan(coll) -> dict:
         ),
     }
     if plan["path"] in ("3x3", "columns"):
-        # Per kernel, in memory order: its POM (two bytes while there are at most 65,536
-        # POMs), or with one kernel per POM its manifold (one byte); ``tcode`` maps either
-        # to the manifold code.
+        # Per kernel, in memory order, an index ``kidx`` and ``tcode`` mapping it to the
+        # manifold code. With one kernel per POM the index is the code itself (one byte);
+        # otherwise the kernel's POM (two bytes while there are at most 65,536 POMs), the POMs
+        # numbered in the order of their codes. Either way ``tcode`` is sorted, so a kernel's
+        # code also follows from its index and three bounds, without a lookup (``_fused16``).
+        ptype = codes.astype(np.int8)[pom_type]
         if coll.pom_ptr is None:
-            plan["kidx"] = coll.kernel_type().numpy().astype(np.int8)
-            plan["tcode"] = codes.astype(np.int8)
+            plan["kidx"] = codes.astype(np.int8)[coll.kernel_type().numpy()]
+            plan["tcode"] = np.arange(4, dtype=np.int8)  # SPHERE, OBLIQUE, STIEFEL, EUCLIDEAN
         else:
+            order = np.argsort(ptype, kind="stable")
+            rank = np.empty_like(order)
+            rank[order] = np.arange(len(order))
             small = coll.num_poms <= 1 << 16
-            plan["kidx"] = coll.kernel_pom.numpy().astype(np.uint16 if small else np.int32)
-            plan["tcode"] = codes.astype(np.int8)[pom_type]
+            kernel_pom = rank[coll.kernel_pom.numpy()]
+            plan["kidx"] = kernel_pom.astype(np.uint16 if small else np.int32)
+            plan["tcode"] = ptype[order]
     elif plan["path"] == "soa":
         sizes = coll.pom_sizes.numpy()
         # Blocks: consecutive POMs of one type, cut where the running kernel count crosses a
@@ -940,7 +947,8 @@ class FusedJob:
                 refreshed.append(True)
             r2 = sums.get("bounds" if kind == team.BOUNDS else "exact", _NO_SUMS)
             out = np.zeros(threads, np.int64)
-            desc = team.phase(layer, kind, r2, out)
+            unit = kind == team.UPDATE and factors_are_one()
+            desc = team.phase(layer, kind, r2, out, TEAM_UNIT if unit else 0)
             keep = (r2, out)  # alive until the call is done
 
             def skipped():
@@ -950,10 +958,14 @@ class FusedJob:
 
         self.team_phase = team_phase
 
+        def factors_are_one():
+            """Whether every POM's factor is 1 (the update then reads none)."""
+            return not coupled or _fused3x3.all_one(pfac)
+
         def update(c, parts):
             k0, k1 = _bounds(num_k, c, parts, align)
             args = (x, g, m, s, kpr, scaled, kidx, tcode, pfac, own, k0, k1, hp)
-            skipped = module.pass2(*args, adaptive, use_mom, check)
+            skipped = module.pass2(*args, adaptive, use_mom, check, factors_are_one())
             return 0 if coupled else skipped  # coupled: counted per POM by ``factors``
 
         if not coupled:

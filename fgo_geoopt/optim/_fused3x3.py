@@ -38,10 +38,11 @@ from ._fused import (
     _soa_project,
     _soa_rgrad,
 )
+from ._fused16 import FLAG_ADAPTIVE, FLAG_CHECK, FLAG_OWN, step16
 from ._lanes import GROUP, from_lanes, prefetch, to_lanes
 from ._layout import TILE
 
-__all__ = ["CERTAIN", "decide", "hyper_array", "pass1", "pass2", "pom_factors"]
+__all__ = ["CERTAIN", "all_one", "bounds", "decide", "hyper_array", "pass1", "pass2", "pom_factors"]
 
 
 _jit_fm = dict(_jit, fastmath={"reassoc", "contract"})
@@ -409,6 +410,12 @@ def bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, r2):
 
 
 @njit(**_jit)
+def all_one(pfac):
+    """Whether every factor in ``pfac`` is 1."""
+    return np.all(pfac == 1)
+
+
+@njit(**_jit)
 def pom_factors(partials, adaptive, check, out, need):
     """Eq. (7) factor ``1 / tau`` of the POMs marked in ``need`` from the per-piece sums of
     ``pass1`` into ``out`` (``-1``: a non-finite norm, the POM is skipped); returns the
@@ -497,98 +504,133 @@ def _redo_lane(i, code, X, G, M, XO, MO, factor, hp, use_mom):
         MO[j, i] = M1[j, 0]
 
 
+_USE_MOM = 8  # a ``flags`` bit of the tile code only (``_fused16`` needs momentum)
+
+
 @njit(**_jit_fm)
-def pass2(x, g, m, s, kpr, scaled, kidx, tcode, pfac, own, k0, k1, hp, adaptive, use_mom, check):
+def _tile_part(x, g, mf, s, kpr, scaled, kidx, tcode, pfac, own, t0, nt, c0, cnt, hp, flags, bufs):
+    """The update of the kernels ``[t0 + c0, t0 + c0 + cnt)`` of the tile ``[t0, t0 + nt)``
+    through the entry-major buffers ``bufs``; returns the number of skipped kernels.
+
+    Every case: scaled kernels, no momentum, degenerate retractions (redone by the general
+    code), skipped kernels and POMs (left as they were, bit for bit).
+    """
+    X, G, M, XO, MO, typ, fac, bad = bufs
+    adaptive, check = flags & FLAG_ADAPTIVE != 0, flags & FLAG_CHECK != 0
+    use_mom = flags & _USE_MOM != 0
+    lr, c_old, c_new, a_r, a_b = hp[_LR], hp[_C_OLD], hp[_C_NEW], hp[_A_R], hp[_A_B]
+    wd, sign, zero, half, one, two = hp[_WD], hp[_SIGN], hp[_ZERO], hp[_HALF], hp[_ONE], hp[_TWO]
+    tiny2, eps16sq = hp[_TINY2], hp[_EPS16SQ]
+    k0 = t0 + c0
+    _load_tile(x, g, s, kpr, scaled, kidx, tcode, k0, cnt, sign, X, G, typ)
+    # the buffer is tile-major: row j of this tile's (9, nt) block starts at t0 * 9 + j * nt
+    base = t0 * 9 + c0
+    if use_mom:
+        for j in range(9):
+            for i in range(cnt):
+                M[j, i] = mf[base + j * nt + i]
+    if not own:
+        for i in range(cnt):
+            fac[i] = pfac[kidx[k0 + i]]
+    for i in range(cnt):
+        tp = typ[i]
+        xi = _lane(X, i)
+        r = _rgrad(tp, zero, half, wd, xi, _lane(G, i))
+        if own:
+            fac[i] = _own_factor(_sqnorm(r), adaptive, check, one, two)
+        r = _scale9(fac[i], r)
+        if use_mom:
+            y, b = _move(xi, r, _lane(M, i), (lr, c_old, c_new, a_r, a_b))
+        else:
+            b = r
+            y = _move(xi, r, r, (lr, zero, zero, one, zero))[0]  # x - lr r
+        _store(XO, i, y)
+        if use_mom:
+            _store(MO, i, b)
+    # second loop (fewer live values): retraction and transport
+    for i in range(cnt):
+        tp = typ[i]
+        xn, bad[i] = _retract(tp, zero, one, tiny2, eps16sq, _lane(XO, i))
+        _store(XO, i, xn)
+        if use_mom:  # transport: project the buffer onto the new tangent space
+            _store(MO, i, _transport(tp, zero, half, xn, _lane(MO, i)))
+    for i in range(cnt):
+        if bad[i] and fac[i] >= 0:
+            _redo_lane(i, typ[i], X, G, M, XO, MO, fac[i], hp, use_mom)
+    if scaled:
+        for i in range(cnt):
+            if typ[i] != EUCLIDEAN:
+                off = ((k0 + i) % kpr) * 9
+                for j in range(9):
+                    XO[j, i] = XO[j, i] * s[off + j]
+    skipped = 0
+    for i in range(cnt):
+        if fac[i] < 0:  # skipped: the weights and the buffer stay bit for bit
+            skipped += 1
+            for j in range(9):
+                XO[j, i] = x[k0 + i, j]
+                MO[j, i] = M[j, i]
+    # plain copies (a select per entry here would cost as much as the whole update)
+    _store_tile(XO, x, k0, cnt)
+    if use_mom:
+        for j in range(9):
+            for i in range(cnt):
+                mf[base + j * nt + i] = MO[j, i]
+    return skipped
+
+
+@njit(**_jit_fm)
+def pass2(
+    x, g, m, s, kpr, scaled, kidx, tcode, pfac, own, k0, k1, hp, adaptive, use_mom, check, unit
+):
     """The update of the kernels in ``[k0, k1)``; returns the number of skipped kernels.
 
     ``k0`` is a multiple of ``TILE``, and the momentum buffer ``m`` is tile-major (see
     ``_layout.to_tiles``).
 
     ``own``: every kernel is its own POM, and its step factor comes from its own gradient;
-    otherwise from ``pfac`` per POM (``pom_factors``).
+    otherwise from ``pfac`` per POM (``pom_factors``); ``unit``: all of those are 1.
+
+    Groups of 16 kernels take ``_fused16.step16`` (in registers) where it applies; the rest,
+    and groups it hands back, take the tile code (``_tile_part``).
     """
     dt = x.dtype
-    X = np.empty((9, TILE), dt)
-    G = np.empty((9, TILE), dt)
-    XO = np.empty((9, TILE), dt)
-    M = np.empty((9, TILE), dt)
-    MO = np.empty((9, TILE), dt)
-    typ = np.empty(TILE, np.int8)
-    fac = np.empty(TILE, dt)
-    bad = np.empty(TILE, np.bool_)
-    lr, c_old, c_new, a_r, a_b = hp[_LR], hp[_C_OLD], hp[_C_NEW], hp[_A_R], hp[_A_B]
-    wd, sign, zero, half, one, two = hp[_WD], hp[_SIGN], hp[_ZERO], hp[_HALF], hp[_ONE], hp[_TWO]
-    tiny2, eps16sq = hp[_TINY2], hp[_EPS16SQ]
+    bufs = (
+        np.empty((9, TILE), dt),
+        np.empty((9, TILE), dt),
+        np.empty((9, TILE), dt),
+        np.empty((9, TILE), dt),
+        np.empty((9, TILE), dt),
+        np.empty(TILE, np.int8),
+        np.empty(TILE, dt),
+        np.empty(TILE, np.bool_),
+    )
+    fac16 = np.ones(GROUP, dt)  # stays 1 where ``unit``
+    # kernel codes from the kernel indices: ``tcode`` is sorted (``_fused._plan``)
+    bounds = np.searchsorted(tcode, np.arange(1, 4)).astype(np.int64)
+    flags = own * FLAG_OWN + adaptive * FLAG_ADAPTIVE + check * FLAG_CHECK + use_mom * _USE_MOM
+    fast = use_mom and not scaled
     mf = m.reshape(-1)
+    common = (x, g, mf, s, kpr, scaled, kidx, tcode, pfac, own)
     skipped = 0
     for t0 in range(k0, k1, TILE):
         nt = min(TILE, k1 - t0)
-        _load_tile(x, g, s, kpr, scaled, kidx, tcode, t0, nt, sign, X, G, typ)
-        if use_mom:  # the buffer is tile-major: this tile's block is (9, nt), contiguous
-            block = mf[t0 * 9 : t0 * 9 + 9 * nt]
-            for j in range(9):
-                for i in range(nt):
-                    M[j, i] = block[j * nt + i]
         # the next tile comes from memory while this one is computed
         for e in range(min(k1, t0 + TILE) * 9, min(k1, t0 + 2 * TILE) * 9, 16):
             prefetch(x, e)
             prefetch(g, e)
             if use_mom:
                 prefetch(mf, e)
-        if not own:
-            for i in range(nt):
-                fac[i] = pfac[kidx[t0 + i]]
-        for i in range(nt):
-            tp = typ[i]
-            xi = _lane(X, i)
-            r = _rgrad(tp, zero, half, wd, xi, _lane(G, i))
-            if own:
-                fac[i] = _own_factor(_sqnorm(r), adaptive, check, one, two)
-            r = _scale9(fac[i], r)
-            if use_mom:
-                y, b = _move(xi, r, _lane(M, i), (lr, c_old, c_new, a_r, a_b))
-            else:
-                b = r
-                y = (
-                    xi[0] - lr * r[0],
-                    xi[1] - lr * r[1],
-                    xi[2] - lr * r[2],
-                    xi[3] - lr * r[3],
-                    xi[4] - lr * r[4],
-                    xi[5] - lr * r[5],
-                    xi[6] - lr * r[6],
-                    xi[7] - lr * r[7],
-                    xi[8] - lr * r[8],
-                )
-            _store(XO, i, y)
-            if use_mom:
-                _store(MO, i, b)
-        # second loop (fewer live values): retraction and transport
-        for i in range(nt):
-            tp = typ[i]
-            xn, bad[i] = _retract(tp, zero, one, tiny2, eps16sq, _lane(XO, i))
-            _store(XO, i, xn)
-            if use_mom:  # transport: project the buffer onto the new tangent space
-                _store(MO, i, _transport(tp, zero, half, xn, _lane(MO, i)))
-        for i in range(nt):
-            if bad[i] and fac[i] >= 0:
-                _redo_lane(i, typ[i], X, G, M, XO, MO, fac[i], hp, use_mom)
-        if scaled:
-            for i in range(nt):
-                if typ[i] != EUCLIDEAN:
-                    off = ((t0 + i) % kpr) * 9
-                    for j in range(9):
-                        XO[j, i] = XO[j, i] * s[off + j]
-        for i in range(nt):
-            if fac[i] < 0:  # skipped: the weights and the buffer stay bit for bit
-                skipped += 1
-                for j in range(9):
-                    XO[j, i] = x[t0 + i, j]
-                    MO[j, i] = M[j, i]
-        # plain copies (a select per entry here would cost as much as the whole update)
-        _store_tile(XO, x, t0, nt)
-        if use_mom:
-            for j in range(9):
-                for i in range(nt):
-                    block[j * nt + i] = MO[j, i]
+        done = 0
+        if fast:
+            done = nt - nt % GROUP
+            for c0 in range(0, done, GROUP):
+                k = t0 + c0
+                if not (own or unit):
+                    for i in range(GROUP):
+                        fac16[i] = pfac[kidx[k + i]]
+                if not step16(x, g, mf, k, t0 * 9 + c0, nt, kidx, bounds, fac16, hp, flags):
+                    skipped += _tile_part(*common, t0, nt, c0, GROUP, hp, flags, bufs)
+        if done < nt:
+            skipped += _tile_part(*common, t0, nt, done, nt - done, hp, flags, bufs)
     return skipped

@@ -193,8 +193,11 @@ def _update(x, g, m, s, sc, eu, f, a, hp, use_mom):
 
 
 @njit(**_jit_fm)
-def pass2(x, g, m, s, kpr, scaled, kidx, tcode, pfac, own, k0, k1, hp, adaptive, use_mom, check):
-    """The update of the kernels in ``[k0, k1)``; returns the number of skipped kernels."""
+def pass2(
+    x, g, m, s, kpr, scaled, kidx, tcode, pfac, own, k0, k1, hp, adaptive, use_mom, check, unit
+):
+    """The update of the kernels in ``[k0, k1)``; returns the number of skipped kernels.
+    ``unit``: every factor in ``pfac`` is 1."""
     sign, wd, one, two, n = hp[_SIGN], hp[_WD], hp[_ONE], hp[_TWO], x.shape[1]
     skipped = 0
     for k in range(k0, k1):
@@ -210,7 +213,7 @@ def pass2(x, g, m, s, kpr, scaled, kidx, tcode, pfac, own, k0, k1, hp, adaptive,
             if check and not np.isfinite(sq):
                 f = -one
         else:
-            f = pfac[kidx[k]]
+            f = one if unit else pfac[kidx[k]]
         if f < 0:  # skipped: weights and buffer unchanged
             skipped += 1
             continue

@@ -29,7 +29,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["GROUP", "from_lanes", "to_lanes"]
+__all__ = ["GROUP", "from_lanes", "load_kernels", "prefetch", "store_kernels", "to_lanes"]
 
 #: Kernels per transpose (the lanes of one vector of float32 with AVX-512).
 GROUP = 16
@@ -72,6 +72,42 @@ def _vector_at(builder, data, offset, vty):
     return builder.bitcast(builder.gep(data, [offset]), vty.as_pointer())
 
 
+def load_kernels(builder, data, offset, vty):
+    """IR: the 16 kernels at ``data + offset`` (flat, kernel-major) as nine vectors, entry
+    ``j`` of kernel ``q`` in lane ``q`` of vector ``j``."""
+    loaded = []
+    for k in range(_N):
+        at = builder.add(offset, ir.Constant(_I64, GROUP * k))
+        loaded.append(builder.load(_vector_at(builder, data, at, vty), align=1))
+    entries = []
+    for j in range(_N):
+        # lane l: entry j of kernel q = 9 (l - j) mod 16, from stored vector (9 q + j) // 16
+        kernel_at = [(9 * (lane - j)) % GROUP for lane in range(GROUP)]
+        w = _blend(builder, loaded, [(9 * q + j) // GROUP for q in kernel_at])
+        order = _permutation([(9 * q + j) % GROUP for q in range(GROUP)])
+        entries.append(builder.shuffle_vector(w, w, order))
+    return entries
+
+
+def store_kernels(builder, entries, data, offset, vty):
+    """IR: the inverse of ``load_kernels``, nine entry vectors stored as 16 kernels."""
+    placed = []
+    for j, v in enumerate(entries):
+        # kernel q's entry j goes to lane (9 q + j) % 16, where the stored vector has it
+        order = _permutation([(9 * (lane - j)) % GROUP for lane in range(GROUP)])
+        placed.append(builder.shuffle_vector(v, v, order))
+    for k in range(_N):
+        out = _blend(builder, placed, [(GROUP * k + lane) % _N for lane in range(GROUP)])
+        at = builder.add(offset, ir.Constant(_I64, GROUP * k))
+        builder.store(out, _vector_at(builder, data, at, vty), align=1)
+
+
+def _tile_rows(builder, tile, col):
+    """Addresses of the 16 lanes from ``col`` in each of the nine rows of a ``(9, W)`` tile."""
+    width = cgutils.unpack_tuple(builder, tile.shape, 2)[1]
+    return [builder.add(builder.mul(ir.Constant(_I64, j), width), col) for j in range(_N)]
+
+
 @intrinsic
 def to_lanes(typingctx, flat, offset, tile, col):
     """``tile[j, col + q] = flat.flat[offset + 9 q + j]`` for ``q < 16``, ``j < 9``.
@@ -88,19 +124,9 @@ def to_lanes(typingctx, flat, offset, tile, col):
         vty = ir.VectorType(context.get_value_type(flat_ty.dtype), GROUP)
         src = context.make_array(flat_ty)(context, builder, args[0])
         dst = context.make_array(tile_ty)(context, builder, args[2])
-        width = cgutils.unpack_tuple(builder, dst.shape, 2)[1]
-        loaded = []
-        for k in range(_N):
-            at = builder.add(args[1], ir.Constant(_I64, GROUP * k))
-            loaded.append(builder.load(_vector_at(builder, src.data, at, vty), align=1))
-        for j in range(_N):
-            # lane l: entry j of kernel q = 9 (l - j) mod 16, from stored vector (9 q + j) // 16
-            kernel_at = [(9 * (lane - j)) % GROUP for lane in range(GROUP)]
-            w = _blend(builder, loaded, [(9 * q + j) // GROUP for q in kernel_at])
-            order = _permutation([(9 * q + j) % GROUP for q in range(GROUP)])
-            out = builder.shuffle_vector(w, w, order)
-            row = builder.add(builder.mul(ir.Constant(_I64, j), width), args[3])
-            builder.store(out, _vector_at(builder, dst.data, row, vty), align=1)
+        entries = load_kernels(builder, src.data, args[1], vty)
+        for v, row in zip(entries, _tile_rows(builder, dst, args[3]), strict=True):
+            builder.store(v, _vector_at(builder, dst.data, row, vty), align=1)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -119,21 +145,9 @@ def from_lanes(typingctx, tile, col, flat, offset):
         vty = ir.VectorType(context.get_value_type(flat_ty.dtype), GROUP)
         src = context.make_array(tile_ty)(context, builder, args[0])
         dst = context.make_array(flat_ty)(context, builder, args[2])
-        width = cgutils.unpack_tuple(builder, src.shape, 2)[1]
-        placed = []
-        for j in range(_N):
-            row = builder.add(builder.mul(ir.Constant(_I64, j), width), args[1])
-            v = builder.load(_vector_at(builder, src.data, row, vty), align=1)
-            # kernel q's entry j goes to lane (9 q + j) % 16, where the stored vector has it
-            placed.append(
-                builder.shuffle_vector(
-                    v, v, _permutation([(9 * (lane - j)) % GROUP for lane in range(GROUP)])
-                )
-            )
-        for k in range(_N):
-            out = _blend(builder, placed, [(GROUP * k + lane) % _N for lane in range(GROUP)])
-            at = builder.add(args[3], ir.Constant(_I64, GROUP * k))
-            builder.store(out, _vector_at(builder, dst.data, at, vty), align=1)
+        rows = _tile_rows(builder, src, args[1])
+        entries = [builder.load(_vector_at(builder, src.data, r, vty), align=1) for r in rows]
+        store_kernels(builder, entries, dst.data, args[3], vty)
         return context.get_dummy_value()
 
     return sig, codegen

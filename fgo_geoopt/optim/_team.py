@@ -35,6 +35,7 @@ from ._fused import (
     TEAM_NORMS,
     TEAM_OWN,
     TEAM_SCALED,
+    TEAM_UNIT,
     TEAM_UPDATE,
     TEAM_USE_MOM,
     _jit,
@@ -99,15 +100,15 @@ def _body(d, is3x3, x, g, m, s, kidx, tcode, pfac, need, hp, tid, nth):
     flags = d[_FLAGS]
     scaled, own = flags & TEAM_SCALED != 0, flags & TEAM_OWN != 0
     adaptive, use_mom = flags & TEAM_ADAPTIVE != 0, flags & TEAM_USE_MOM != 0
-    check = flags & TEAM_CHECK != 0
+    check, unit = flags & TEAM_CHECK != 0, flags & TEAM_UNIT != 0
     k0, k1 = _share(d, tid, nth)
     kpr, kind = d[_KPR], d[_KIND]
     if kind == UPDATE:
         args = (x, g, m, s, kpr, scaled, kidx, tcode, pfac, own, k0, k1, hp)
         if is3x3:
-            skipped = _fused3x3.pass2(*args, adaptive, use_mom, check)
+            skipped = _fused3x3.pass2(*args, adaptive, use_mom, check, unit)
         else:
-            skipped = _fused_columns.pass2(*args, adaptive, use_mom, check)
+            skipped = _fused_columns.pass2(*args, adaptive, use_mom, check, unit)
         carray(_ptr(d[_OUT]), (d[_ROWS],), np.int64)[tid] = skipped
         return
     r2 = carray(_ptr(d[_R2]), (d[_ROWS], d[_P]), np.float64)[tid]
@@ -228,10 +229,14 @@ def refresh(desc: np.ndarray, flags: int, x, g, m, s) -> None:
     desc[_S], desc[_LEN_S] = s.ctypes.data, s.size
 
 
-def phase(desc: np.ndarray, kind: int, r2: np.ndarray, out: np.ndarray) -> np.ndarray:
+def phase(
+    desc: np.ndarray, kind: int, r2: np.ndarray, out: np.ndarray, flags: int = 0
+) -> np.ndarray:
     """A copy of the layer descriptor ``desc`` for phase ``kind``: POM sums go to the rows of
-    ``r2`` (one per thread), skipped counts to ``out`` (one per thread)."""
+    ``r2`` (one per thread), skipped counts to ``out`` (one per thread); ``flags`` are added
+    to the step's."""
     d = desc.copy()
+    d[_FLAGS] |= flags
     d[_KIND], d[_R2], d[_P], d[_ROWS], d[_OUT] = (
         kind,
         r2.ctypes.data,

@@ -1,0 +1,166 @@
+"""The 16-kernel step in registers (``_fused16``) against the tile code of ``_fused3x3``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fgo_geoopt import build_collection
+from fgo_geoopt.optim import _fused
+
+pytestmark = pytest.mark.skipif(not _fused.AVAILABLE, reason="numba fused backend unavailable")
+
+if _fused.AVAILABLE:
+    from numba import njit
+
+    from fgo_geoopt.optim import _fused3x3
+    from fgo_geoopt.optim._fused16 import FLAG_ADAPTIVE, FLAG_CHECK, FLAG_OWN, step16
+    from fgo_geoopt.optim._layout import TILE, to_tiles
+
+    @njit(cache=False)
+    def _tiles_only(x, g, m, s, kpr, kidx, tcode, pfac, own, hp, flags):
+        """Every kernel through ``_tile_part`` (the general code), none through ``step16``."""
+        dt = x.dtype
+        bufs = (
+            np.empty((9, TILE), dt),
+            np.empty((9, TILE), dt),
+            np.empty((9, TILE), dt),
+            np.empty((9, TILE), dt),
+            np.empty((9, TILE), dt),
+            np.empty(TILE, np.int8),
+            np.empty(TILE, dt),
+            np.empty(TILE, np.bool_),
+        )
+        mf = m.reshape(-1)
+        skipped = 0
+        for t0 in range(0, x.shape[0], TILE):
+            nt = min(TILE, x.shape[0] - t0)
+            common = (x, g, mf, s, kpr, False, kidx, tcode, pfac, own)
+            skipped += _fused3x3._tile_part(*common, t0, nt, 0, nt, hp, flags, bufs)
+        return skipped
+
+    @njit(cache=False)
+    def _step_group(x, g, m, k, kidx, tcode, fac, hp, flags):
+        bounds = np.searchsorted(tcode, np.arange(1, 4)).astype(np.int64)
+        t0 = k - k % TILE
+        nt = min(TILE, x.shape[0] - t0)
+        mrow = t0 * 9 + k - t0
+        return step16(x, g, m.reshape(-1), k, mrow, nt, kidx, bounds, fac, hp, flags)
+
+
+MIX = ("sphere", "oblique", "stiefel", "euclidean")
+
+
+def _layer(shape, strategy, dtype, manifolds=None, seed=0):
+    """A layer's collection, fused plan and ``(x, g, m)`` as ``(K, 9)`` arrays (``m`` tangent
+    and tile-major)."""
+    coll = build_collection(shape, strategy, manifolds=manifolds, seed=seed)
+    plan = _fused._plan(coll)
+    gen = torch.Generator().manual_seed(seed)
+    k = coll.num_kernels
+    x = coll.projx(torch.randn(shape, generator=gen, dtype=torch.float64))
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    m = coll.proju(x, torch.randn(shape, generator=gen, dtype=torch.float64))
+    x, g, m = (t.reshape(k, 9).to(getattr(torch, np.dtype(dtype).name)) for t in (x, g, m))
+    return coll, plan, (x.numpy(), g.numpy(), to_tiles(m).numpy())
+
+
+def _hyper(dtype, nesterov=False, maximize=False, weight_decay=0.0):
+    return _fused3x3.hyper_array(
+        dtype,
+        lr=0.3,
+        c_old=0.9,
+        c_new=1.0,
+        a_r=1.0 if nesterov else 0.0,
+        a_b=0.9 if nesterov else 1.0,
+        weight_decay=weight_decay,
+        sign=-1.0 if maximize else 1.0,
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("strategy", "manifolds", "shape", "options"),
+    [
+        ("pio4", None, (20, 15, 3, 3), {}),  # 300 kernels: full tiles, a partial one, a tail
+        ("pio4", None, (16, 16, 3, 3), {"nesterov": True, "weight_decay": 0.1}),
+        ("st", None, (24, 8, 3, 3), {"maximize": True}),
+        ("single", MIX, (40, 5, 3, 3), {"weight_decay": 0.1}),
+    ],
+)
+def test_pass2_equals_the_tile_code(dtype, strategy, manifolds, shape, options):
+    """``pass2`` (groups in registers where they apply) leaves the weights and the buffer as
+    the tile code alone does, with POM factors below 1 and a skipped POM (coupled layers) or
+    Eq. (7) per kernel and a non-finite gradient (one-kernel POMs)."""
+    coll, plan, (x, g, m) = _layer(shape, strategy, dtype, manifolds)
+    own = coll.pom_ptr is None
+    kidx, tcode, kpr = plan["kidx"], plan["tcode"], coll.kernels_per_row
+    pfac = np.ones(1 if own else coll.num_poms, dtype)
+    if own:
+        g[37, 4] = np.nan  # kernel 37 is skipped: its group goes to the tile code
+        skipped_kernels = [37]
+    else:
+        pfac[:] = np.random.default_rng(1).uniform(0.2, 1.0, pfac.size)
+        pfac[kidx[37]] = -1.0  # a skipped POM
+        skipped_kernels = np.flatnonzero(pfac[kidx] < 0)
+    hp = _hyper(dtype, **options)
+
+    def fac_of(k):
+        return np.ones(16, dtype) if own else pfac[kidx[k : k + 16]]
+
+    flags = own * FLAG_OWN + FLAG_ADAPTIVE + FLAG_CHECK + _fused3x3._USE_MOM
+    s = _fused._DUMMY_F64
+    want_x, want_m = x.copy(), m.copy()
+    want_skipped = _tiles_only(want_x, g, want_m, s, kpr, kidx, tcode, pfac, own, hp, flags)
+    got_x, got_m = x.copy(), m.copy()
+    args = (got_x, g, got_m, s, kpr, False, kidx, tcode, pfac, own, 0, coll.num_kernels, hp)
+    got_skipped = _fused3x3.pass2(*args, True, True, True, False)
+    assert got_skipped == want_skipped == len(skipped_kernels)
+    assert not np.array_equal(got_x, x)  # the step moved the weights
+    single = dtype == np.float32
+    tol = {"rtol": 2e-5, "atol": 2e-6} if single else {"rtol": 1e-12, "atol": 1e-13}
+    np.testing.assert_allclose(got_x, want_x, **tol)
+    np.testing.assert_allclose(got_m, want_m, **tol)
+    for k in skipped_kernels:  # left bit for bit
+        np.testing.assert_array_equal(got_x[k], x[k])
+    # and the registers did the work: every whole group without a skipped kernel
+    groups = [
+        k for t0 in range(0, len(x), TILE) for k in range(t0, min(len(x), t0 + TILE) - 15, 16)
+    ]
+    taken = [
+        _step_group(x.copy(), g, m.copy(), k, kidx, tcode, fac_of(k), hp, flags) for k in groups
+    ]
+    plain = [not any(k <= j < k + 16 for j in skipped_kernels) for k in groups]
+    assert taken == plain and sum(plain) >= len(groups) // 2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_step16_hands_back_groups_it_cannot_do(dtype):
+    """A plain group is stepped in place; a group with a degenerate retraction (a Stiefel
+    kernel with a zero column) or a skipped POM is left untouched (``False``)."""
+    _, plan, (x, g, m) = _layer((8, 8, 3, 3), "st", dtype)
+    kidx, tcode = plan["kidx"], plan["tcode"]
+    hp = _hyper(dtype)
+    fac = np.ones(16, dtype)
+    x0, m0 = x.copy(), m.copy()
+    assert _step_group(x, g, m, 0, kidx, tcode, fac, hp, FLAG_OWN)
+    assert not np.array_equal(x[:16], x0[:16]) and not np.array_equal(m, m0)
+    np.testing.assert_array_equal(x[16:], x0[16:])
+
+    x[20] = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]  # columns (1, 1, 0), 0, (0, 0, 1)
+    g[20] = 0.0
+    before = x.copy(), m.copy()
+    no_momentum = hp.copy()
+    no_momentum[_fused3x3._C_OLD] = 0.0  # the kernel does not move: its retraction degenerates
+    assert not _step_group(x, g, m, 16, kidx, tcode, fac, no_momentum, FLAG_OWN)
+    np.testing.assert_array_equal(x, before[0])
+    np.testing.assert_array_equal(m, before[1])
+
+    fac[3] = -1.0  # kernel 35's POM is skipped
+    assert not _step_group(x, g, m, 32, kidx, tcode, fac, hp, 0)
+    np.testing.assert_array_equal(x, before[0])
+    np.testing.assert_array_equal(m, before[1])
+    fac[3] = 0.5
+    assert _step_group(x, g, m, 32, kidx, tcode, fac, hp, 0)
+    assert not np.array_equal(x[32:48], before[0][32:48])
