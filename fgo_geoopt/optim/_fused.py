@@ -1050,7 +1050,7 @@ def run_jobs(jobs: list[FusedJob], threads: int | None = None) -> int:
             team is not None
             and job.team is not None
             and job.numel >= TEAM_MIN_NUMEL
-            and job.team in team.ENTRIES
+            and _team_has(team, job.team)
         )
         if job.on_team:
             job.parts = threads
@@ -1098,25 +1098,42 @@ def run_jobs(jobs: list[FusedJob], threads: int | None = None) -> int:
 
 
 _TEAM: list = []
+_TEAM_FAILED: set = set()
 
 
 def _team_module():
-    """``_team`` where torch runs on GNU OpenMP and its entry points compiled, else ``None``
-    (checked once per process)."""
+    """``_team`` where torch runs on GNU OpenMP, else ``None`` (checked once per process)."""
     if not _TEAM:
         try:
             from . import _team
 
-            _TEAM.append(_team if ("3x3", "uint16") in _team.ENTRIES else None)
+            _TEAM.append(_team if _team.KEYS else None)
         except Exception as exc:  # only speed is at stake: the thread pool remains
-            warnings.warn(
-                f"fgo_geoopt: the fused step cannot use torch's OpenMP threads ({exc!r}); "
-                "it runs on its own thread pool",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            _team_warning(exc)
             _TEAM.append(None)
     return _TEAM[0]
+
+
+def _team_has(team, key) -> bool:
+    """Whether the team runs layers of ``key``: its entry point compiles (on first use)."""
+    if key not in team.KEYS or key in _TEAM_FAILED:
+        return False
+    try:
+        team.entry(key)
+    except Exception as exc:  # only speed is at stake: the thread pool remains
+        _TEAM_FAILED.add(key)
+        _team_warning(exc)
+        return False
+    return True
+
+
+def _team_warning(exc: Exception) -> None:
+    warnings.warn(
+        f"fgo_geoopt: the fused step cannot use torch's OpenMP threads ({exc!r}); "
+        "it runs on its own thread pool",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def buffer_layout(coll) -> int | None:

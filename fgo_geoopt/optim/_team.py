@@ -41,7 +41,7 @@ from ._fused import (
     _jit,
 )
 
-__all__ = ["BOUNDS", "ENTRIES", "NORMS", "UPDATE", "describe", "phase", "refresh", "run"]
+__all__ = ["BOUNDS", "KEYS", "NORMS", "UPDATE", "describe", "entry", "phase", "refresh", "run"]
 
 BOUNDS, NORMS, UPDATE = TEAM_BOUNDS, TEAM_NORMS, TEAM_UPDATE
 # int64 descriptor of one phase of one layer
@@ -167,8 +167,9 @@ def _find_libgomp():
 
 
 _LIB = _find_libgomp()
-#: team entry point per ``(path, kernel index dtype name)`` (empty: no team here)
-ENTRIES: dict[tuple[str, str], int] = {}
+#: ``(path, kernel index dtype name)`` pairs with a team entry point (empty: no team here)
+KEYS: frozenset[tuple[str, str]] = frozenset()
+_ENTRIES: dict[tuple[str, str], int] = {}  # entry point addresses, compiled on first use
 
 if _LIB is not None:
     # the cfuncs call these by name; resolve the names to torch's runtime before compiling
@@ -193,19 +194,25 @@ if _LIB is not None:
 
         return entry
 
-    ENTRIES = {
-        (path, kidx.__name__): _entry(path == "3x3", kidx).address
-        for path in ("3x3", "columns")
-        for kidx in (np.uint16, np.int8)
-    }
+    KEYS = frozenset((path, kidx) for path in ("3x3", "columns") for kidx in ("uint16", "int8"))
+
+
+def entry(key: tuple[str, str]) -> int:
+    """The address of the team function for ``key`` (one of ``KEYS``), compiled on first use:
+    a fresh install spends seconds on each, so only the ones a model needs are built (numba
+    caches them on disk for later processes)."""
+    address = _ENTRIES.get(key)
+    if address is None:
+        path, kidx = key
+        address = _ENTRIES[key] = _entry(path == "3x3", getattr(np, kidx)).address
+    return address
 
 
 def run(path: str, kidx_name: str, descs: list[np.ndarray], threads: int) -> None:
     """Run the phases described by ``descs`` (layers of one path and index type) on a team of
     ``threads`` threads: one team call for all of them. Blocks until done."""
     table = np.concatenate([np.array([len(descs)], np.int64), *descs])
-    entry = ENTRIES[(path, kidx_name)]
-    _GOMP_PARALLEL(entry, table.ctypes.data, threads, 0)
+    _GOMP_PARALLEL(entry((path, kidx_name)), table.ctypes.data, threads, 0)
 
 
 def describe(*, k, n, kpr, align, kidx, tcode, pfac, need, hp):
