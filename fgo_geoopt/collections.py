@@ -193,6 +193,14 @@ class KernelCollection(geoopt.Manifold):
         self.scale: torch.Tensor | None = None
         self._cache: dict[Any, Any] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Copies and pickles start with an empty cache: it holds per-step buffers of the
+        # optimizer and raw addresses of them (the fused step's team descriptors), which must
+        # not be shared with, or point into, the original.
+        state = dict(super().__getstate__())
+        state["_cache"] = {}
+        return state
+
     # ------------------------------------------------------------------ grouping data
     def _set_grouping(self, kernel_pom: torch.Tensor, pom_type: torch.Tensor) -> None:
         kernel_pom = kernel_pom.to(torch.int64)

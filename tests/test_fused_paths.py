@@ -134,7 +134,7 @@ def test_gradient_bounds_shortcut_matches_the_torch_path(shape, preset):
         fused.grad, plain.grad = g.clone(), g.clone()
         opt_a.step()
         opt_b.step()
-        plan_states.append(fused.manifold._cache["fused"].get("exact_for", 0))
+        plan_states.append(opt_a.state[fused].get(_fused.EXACT_STATE, 0))
         torch.testing.assert_close(fused.detach(), plain.detach(), rtol=0, atol=1e-12)
         torch.testing.assert_close(
             opt_a.momentum_buffer(fused), opt_b.momentum_buffer(plain), rtol=0, atol=1e-12
@@ -204,3 +204,46 @@ def test_torch_openmp_team_matches_the_thread_pool(shape, preset, scaled, monkey
     for w, b in results[1:]:
         torch.testing.assert_close(results[0][0], w, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(results[0][1], b, rtol=1e-4, atol=1e-6)
+
+
+@needs_numba
+@pytest.mark.parametrize("mode", ["team", "pool"])
+def test_parameters_sharing_a_collection_and_copies_of_a_used_one(mode, monkeypatch):
+    """Two parameters on one collection object; then, once it has been used, a parameter on a
+    deep copy of it stepped together with one more on the original. Each parameter keeps its
+    own step buffers (a copy starts with an empty cache), so the fused step equals the torch
+    path throughout."""
+    if mode == "team":
+        _team_or_skip()
+    else:
+        monkeypatch.setattr(_fused, "_TEAM", [None])
+    shape = (64, 32, 3, 3)  # large enough for the team
+    coll = build_collection(shape, "pio4", seed=0)
+    gen = torch.Generator().manual_seed(1)
+
+    def run(fused_params, steps):
+        ref = [
+            geoopt.ManifoldParameter(p.detach().clone(), manifold=copy.deepcopy(p.manifold))
+            for p in fused_params
+        ]
+        opt = FGSGD(fused_params, lr=0.5, momentum=0.9, backend="fused")
+        opt_ref = FGSGD(ref, lr=0.5, momentum=0.9, backend="torch")
+        for _ in range(steps):
+            for p, q in zip(fused_params, ref, strict=True):
+                p.grad = 3.0 * torch.randn(shape, generator=gen)
+                q.grad = p.grad.clone()
+            opt.step()
+            opt_ref.step()
+            for p, q in zip(fused_params, ref, strict=True):
+                torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+
+    def param(manifold):
+        return geoopt.ManifoldParameter(
+            manifold.projx(torch.randn(shape, generator=gen)), manifold=manifold
+        )
+
+    run([param(coll), param(coll)], steps=4)
+    assert coll._cache["fused"]["reuse"]  # used: per-parameter buffers are cached
+    copied = copy.deepcopy(coll)
+    assert copied._cache == {}
+    run([param(copied), param(coll)], steps=3)

@@ -3,8 +3,9 @@
 Eager chains of small-axis tensor ops cost 15-40x an SGD update on 3x3 kernels (PERF_NOTES.md).
 Each layer takes the path that suits its kernel shape:
 
-* 3x3 kernels (``_fused3x3``): memory order, 128 kernels at a time in entry-major tiles, one
-  vectorised loop for all four built-in manifolds;
+* 3x3 kernels (``_fused3x3``): memory order, 16 kernels at a time in vector registers
+  (``_fused16``), with entry-major tiles of 128 kernels for what that cannot do; one
+  formulation for all four built-in manifolds;
 * one-column kernels, i.e. the filter view of 1x1 convs and linear layers
   (``_fused_columns``): memory order, contiguous loops per kernel;
 * other small kernels (``n <= SOA_MAX_NUMEL``, e.g. 7x7 or 5x5): blocks of POMs of one manifold
@@ -54,6 +55,8 @@ SOA_MAX_NUMEL = 64
 BLOCK_KERNELS = 256
 #: Steps that skip the gradient bounds of a layer after they settled less than half its POMs.
 EXACT_STEPS = 16
+#: Key of that count in a parameter's optimizer state (an int: checkpoints carry it).
+EXACT_STATE = "exact_norm_steps"
 #: Layers with fewer entries stay off torch's OpenMP team (a team call costs microseconds).
 TEAM_MIN_NUMEL = 1 << 13
 # team phase kinds and flags (``_team``)
@@ -62,6 +65,8 @@ TEAM_SCALED, TEAM_OWN, TEAM_ADAPTIVE, TEAM_USE_MOM, TEAM_CHECK, TEAM_UNIT = 1, 2
 _NO_SUMS = np.zeros((1, 1))
 #: Entries per piece of work handed to a thread (smaller layers are one piece).
 PIECE_NUMEL = 1 << 19
+#: Per-parameter buffer sets kept per collection (``FusedJob``).
+_REUSE_MAX = 16
 
 if numba is not None:
     _jit = {"cache": True, "nogil": True, "error_model": "numpy"}
@@ -819,6 +824,8 @@ class FusedJob:
         adaptive,
         first,
         check,
+        key=None,
+        state=None,
     ):
         plan = coll._cache.get("fused")
         if plan is None:
@@ -845,6 +852,8 @@ class FusedJob:
                 use_mom,
                 adaptive,
                 check,
+                x2d.ctypes.data if key is None else key,
+                state,
                 hp=(
                     _fused3x3.hyper_array(
                         x2d.dtype,
@@ -894,24 +903,35 @@ class FusedJob:
         args = (*args, plan["geo"], *hyper)
         self.phases = [(lambda c, parts: int(chunk(c, *args, parts)), True)]
 
-    def _init_in_order(self, module, coll, plan, x, g, m, s, scaled, use_mom, adaptive, check, hp):
-        """Phases of the paths in memory order (``_fused3x3``, ``_fused_columns``)."""
+    def _init_in_order(
+        self, module, coll, plan, x, g, m, s, scaled, use_mom, adaptive, check, key, state, hp
+    ):
+        """Phases of the paths in memory order (``_fused3x3``, ``_fused_columns``).
+
+        ``state``: the parameter's optimizer state, where the count of steps left with exact
+        norms is kept (``EXACT_STATE``), so that a resumed run takes the same decisions.
+        """
         kpr, num_k = coll.kernels_per_row, coll.num_kernels
         kidx, tcode = plan["kidx"], plan["tcode"]
         own = coll.pom_ptr is None  # one kernel per POM: each kernel is its own Eq. (7) unit
         coupled = not own and (adaptive or check)
         # Arrays reused from step to step (a team descriptor points at them): the factors per
-        # POM, the POMs that need exact norms, the hyper-parameters.
-        reuse = plan.get("reuse")
+        # POM, the POMs that need exact norms, the hyper-parameters. One set per parameter
+        # (``key``: its address), as parameters may share a collection.
+        per_param = plan.setdefault("reuse", {})
+        reuse = per_param.get(key)
         if reuse is None or reuse["dtype"] != x.dtype:
             size = 1 if own else coll.num_poms
-            reuse = plan["reuse"] = {
+            reuse = per_param[key] = {
                 "dtype": x.dtype,
                 "pfac": np.ones(size, x.dtype),
                 "need": np.ones(size, np.uint8),
                 "hp": np.empty_like(hp),
                 "kidx_name": kidx.dtype.name,
+                "state": {},  # where no optimizer state is given
             }
+            while len(per_param) > _REUSE_MAX:  # parameters that moved: the oldest go
+                del per_param[next(iter(per_param))]
         pfac, need = reuse["pfac"], reuse["need"]
         if not coupled:
             pfac.fill(1)
@@ -977,9 +997,10 @@ class FusedJob:
         # other POMs need the exact norms of ``pass1`` before the update. Where the bounds
         # settled less than half of the POMs, the next steps skip them (``EXACT_STEPS``)
         # and compute every norm exactly; the results are the same either way.
-        use_bounds = plan.get("exact_for", 0) == 0
+        counter = reuse["state"] if state is None else state
+        use_bounds = counter.get(EXACT_STATE, 0) == 0
         if not use_bounds:
-            plan["exact_for"] -= 1
+            counter[EXACT_STATE] -= 1
         need[:] = 0 if use_bounds else 1
         marked = [0 if use_bounds else coll.num_poms]
 
@@ -994,7 +1015,7 @@ class FusedJob:
                 sums["bounds"], tcode, adaptive, check, pfac, need
             )
             if 2 * marked[0] > coll.num_poms:
-                plan["exact_for"] = EXACT_STEPS
+                counter[EXACT_STATE] = EXACT_STEPS
             if marked[0]:
                 sums["exact"] = np.zeros_like(sums["bounds"])
             return skipped

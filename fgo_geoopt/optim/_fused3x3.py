@@ -1,10 +1,7 @@
 """Fused CPU step for 3x3 spatial kernels, the bulk of a ResNet's constrained weights.
 
-Kernels are visited in memory order, a tile of ``TILE`` kernels at a time: the tile is
-transposed into entry-major buffers (entry ``j`` of every kernel contiguous), then one loop over
-the kernels of the tile does the whole update with the nine entries in registers, which the
-compiler vectorises across kernels. The four built-in manifolds share one formulation, so a
-tile mixing them (a PIO layer) needs no branches:
+Kernels are visited in memory order. The four built-in manifolds share one formulation, so
+kernels of different manifolds side by side (a PIO layer) need no branches:
 
 * the normal part of a vector ``V`` at a point ``X`` (both ``3 x 3``, ``X[r, c] = x[3 r + c]``,
   columns are the manifold's columns) is ``X N`` with ``N`` built from ``C = X^T V``:
@@ -14,11 +11,18 @@ tile mixing them (a PIO layer) needs no branches:
   oblique manifold, and after two Gram-Schmidt passes (CGS2, the projections masked to zero on
   the other manifolds) on Stiefel.
 
-Kernels whose retraction degenerates (a zero column) are redone with the general code of
-``_fused``. Eq. (7) couples the kernels of a POM, so a layer whose POMs hold several kernels
-takes three passes: squared gradient norms per kernel (``pass1``), one step factor per POM
-(``pom_factors``), and the update (``pass2``). One-kernel POMs fold all of it into ``pass2``.
-Tests keep this path equal to ``reference.py``.
+The lane helpers below write this once, for one kernel; they branch only through ``_where``,
+``_and`` and ``_not``. The update (``pass2``) runs them two ways: 16 kernels at a time in vector
+registers (``_fused16`` evaluates the same helpers on vectors of 16 lanes), and through tiles of
+``TILE`` kernels transposed into entry-major buffers (``_tile_part``, loops over the kernels of
+the tile that the compiler vectorises) for what the registers do not: scaled kernels, steps
+without momentum, leftover kernels, and groups with a degenerate retraction (a zero column,
+redone with the general code of ``_fused``) or a skipped kernel.
+
+Eq. (7) couples the kernels of a POM, so a layer whose POMs hold several kernels takes more
+passes: gradient bounds per POM (``bounds``), a decision (``decide``), exact squared norms where
+the bound does not settle the factor (``pass1``, ``pom_factors``), and the update. One-kernel
+POMs fold all of it into ``pass2``. Tests keep this path equal to ``reference.py``.
 """
 
 from __future__ import annotations

@@ -469,6 +469,8 @@ def _collection_step(
             x.detach().view(k, n).numpy(),
             g.detach().view(k, n).numpy(),
             None if buf is None else buf.numpy(),
+            key=p.data_ptr(),
+            state=st,
             **hyper,
         )
     )
