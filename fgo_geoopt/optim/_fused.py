@@ -906,152 +906,188 @@ class FusedJob:
     def _init_in_order(
         self, module, coll, plan, x, g, m, s, scaled, use_mom, adaptive, check, key, state, hp
     ):
-        """Phases of the paths in memory order (``_fused3x3``, ``_fused_columns``).
-
-        ``state``: the parameter's optimizer state, where the count of steps left with exact
-        norms is kept (``EXACT_STATE``), so that a resumed run takes the same decisions.
-        """
-        kpr, num_k = coll.kernels_per_row, coll.num_kernels
-        kidx, tcode = plan["kidx"], plan["tcode"]
-        own = coll.pom_ptr is None  # one kernel per POM: each kernel is its own Eq. (7) unit
-        coupled = not own and (adaptive or check)
-        # Arrays reused from step to step (a team descriptor points at them): the factors per
-        # POM, the POMs that need exact norms, the hyper-parameters. One set per parameter
-        # (``key``: its address), as parameters may share a collection.
+        """Phases of the paths in memory order (``_fused3x3``, ``_fused_columns``): those of
+        the parameter's ``_InOrder``, built once per parameter (``key``: its address; several
+        parameters may share a collection) and bound to this step's arrays."""
         per_param = plan.setdefault("reuse", {})
-        reuse = per_param.get(key)
-        if reuse is None or reuse["dtype"] != x.dtype:
-            size = 1 if own else coll.num_poms
-            reuse = per_param[key] = {
-                "dtype": x.dtype,
-                "pfac": np.ones(size, x.dtype),
-                "need": np.ones(size, np.uint8),
-                "hp": np.empty_like(hp),
-                "kidx_name": kidx.dtype.name,
-                "state": {},  # where no optimizer state is given
-            }
+        layer = per_param.get(key)
+        if layer is None or layer.dtype != x.dtype:
+            layer = per_param[key] = _InOrder(module, coll, plan, x.dtype, len(hp))
             while len(per_param) > _REUSE_MAX:  # parameters that moved: the oldest go
                 del per_param[next(iter(per_param))]
-        pfac, need = reuse["pfac"], reuse["need"]
-        if not coupled:
-            pfac.fill(1)
-        reuse["hp"][:] = hp
-        hp = reuse["hp"]
-
-        align = TILE if module is _fused3x3 else 16  # the tiles of the 3x3 buffers
-        path = "3x3" if module is _fused3x3 else "columns"
-        if x.dtype == np.float32:
-            self.team = (path, reuse["kidx_name"])
-        flags = (
-            scaled * TEAM_SCALED
-            + own * TEAM_OWN
-            + adaptive * TEAM_ADAPTIVE
-            + use_mom * TEAM_USE_MOM
-            + check * TEAM_CHECK
-        )
-        sums = {}  # per-piece rows of POM sums: "bounds", "exact"
-        refreshed = []
-
-        def team_phase(kind, threads):
-            """This layer's part of a team call for phase ``kind`` (``_team``): the descriptor
-            and a function that returns the skipped count once the call is done."""
-            team = _team_module()
-            layer = reuse.get("layer")
-            if layer is None:
-                layer = reuse["layer"] = team.describe(
-                    **dict(k=num_k, n=x.shape[1], kpr=kpr, align=align),
-                    **dict(kidx=kidx, tcode=tcode, pfac=pfac, need=need, hp=hp),
-                )
-            if not refreshed:  # once a step: what may change from step to step
-                team.refresh(layer, flags, x, g, m, s)
-                refreshed.append(True)
-            r2 = sums.get("bounds" if kind == team.BOUNDS else "exact", _NO_SUMS)
-            out = np.zeros(threads, np.int64)
-            unit = kind == team.UPDATE and factors_are_one()
-            desc = team.phase(layer, kind, r2, out, TEAM_UNIT if unit else 0)
-            keep = (r2, out)  # alive until the call is done
-
-            def skipped():
-                return 0 if coupled or kind != team.UPDATE else int(keep[1].sum())
-
-            return desc, skipped
-
-        self.team_phase = team_phase
-
-        def factors_are_one():
-            """Whether every POM's factor is 1 (the update then reads none)."""
-            return not coupled or _fused3x3.all_one(pfac)
-
-        def update(c, parts):
-            k0, k1 = _bounds(num_k, c, parts, align)
-            args = (x, g, m, s, kpr, scaled, kidx, tcode, pfac, own, k0, k1, hp)
-            skipped = module.pass2(*args, adaptive, use_mom, check, factors_are_one())
-            return 0 if coupled else skipped  # coupled: counted per POM by ``factors``
-
-        if not coupled:
-            self.phases = [(update, True, None, TEAM_UPDATE)]
-            return
-        # Eq. (7) couples the kernels of a POM. A cheap pass bounds every POM's gradient norm
-        # (|g| in unit coordinates); where the bound proves the factor is 1 (almost always
-        # with real gradients) or the POM is Euclidean, the factor is settled, and only the
-        # other POMs need the exact norms of ``pass1`` before the update. Where the bounds
-        # settled less than half of the POMs, the next steps skip them (``EXACT_STEPS``)
-        # and compute every norm exactly; the results are the same either way.
-        counter = reuse["state"] if state is None else state
-        use_bounds = counter.get(EXACT_STATE, 0) == 0
-        if not use_bounds:
-            counter[EXACT_STATE] -= 1
-        need[:] = 0 if use_bounds else 1
-        marked = [0 if use_bounds else coll.num_poms]
-
-        def bounds(c, parts):
-            k0, k1 = _bounds(num_k, c, parts, align)
-            rows = sums["bounds"]
-            module.bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, rows[c])
-            return 0
-
-        def decide(c, parts):
-            marked[0], skipped = _fused3x3.decide(
-                sums["bounds"], tcode, adaptive, check, pfac, need
-            )
-            if 2 * marked[0] > coll.num_poms:
-                counter[EXACT_STATE] = EXACT_STEPS
-            if marked[0]:
-                sums["exact"] = np.zeros_like(sums["bounds"])
-            return skipped
-
-        def norms(c, parts):
-            k0, k1 = _bounds(num_k, c, parts, align)
-            module.pass1(x, g, s, kpr, scaled, kidx, tcode, need, k0, k1, hp, sums["exact"][c])
-            return 0
-
-        def factors(c, parts):
-            return _fused3x3.pom_factors(sums["exact"], adaptive, check, pfac, need)
-
-        def update_only(c, parts):
-            update(c, parts)
-            return 0  # skipped POMs were counted by ``decide`` and ``factors``
-
-        def prepare(parts):
-            sums["bounds" if use_bounds else "exact"] = np.zeros((parts, coll.num_poms))
-
-        def active():
-            return marked[0] > 0
-
-        self.prepare = prepare
-        first = [(bounds, True, None, TEAM_BOUNDS), (decide, False)] if use_bounds else []
-        self.phases = [
-            *first,
-            (norms, True, active, TEAM_NORMS),
-            (factors, False, active),
-            (update_only, True, None, TEAM_UPDATE),
-        ]
+        self.phases = layer.bind(x, g, m, s, scaled, use_mom, adaptive, check, hp, state)
+        self.team = layer.team
+        self.team_phase = layer.team_phase
+        self.prepare = layer.prepare
 
     #: ``(path, kernel index dtype name)`` where the layer may run on torch's OpenMP team.
     team: tuple[str, str] | None = None
 
     def prepare(self, parts: int) -> None:
         """Called by ``run_jobs`` with the number of pieces of a split phase."""
+
+
+class _InOrder:
+    """One parameter on a memory-order path (``_fused3x3``, ``_fused_columns``): its arrays
+    reused from step to step (a team descriptor points at them: the factors per POM, the POMs
+    that need exact norms, the hyper-parameters, the per-piece POM sums) and its phases, built
+    once; ``bind`` attaches a step's arrays and returns the phases of that step.
+
+    Eq. (7) couples the kernels of a POM. A cheap pass bounds every POM's gradient norm (|g| in
+    unit coordinates); where the bound proves the factor is 1 (almost always with real
+    gradients) or the POM is Euclidean, the factor is settled, and only the other POMs need the
+    exact norms of ``pass1`` before the update. Where the bounds settled less than half of the
+    POMs, the next ``EXACT_STEPS`` steps skip them and compute every norm exactly; the results
+    are the same either way (up to the last bits). The count of those steps is kept in the
+    parameter's optimizer state (``EXACT_STATE``), so that a resumed run takes the same path.
+    """
+
+    def __init__(self, module, coll, plan, dtype, hp_len):
+        self.module, self.dtype = module, dtype
+        self.num_k, self.kpr, self.num_poms = coll.num_kernels, coll.kernels_per_row, coll.num_poms
+        self.kidx, self.tcode = plan["kidx"], plan["tcode"]
+        self.own = coll.pom_ptr is None  # one kernel per POM: each its own Eq. (7) unit
+        size = 1 if self.own else coll.num_poms
+        self.pfac = np.ones(size, dtype)
+        self.need = np.ones(size, np.uint8)
+        self.hp = np.empty(hp_len, dtype)
+        self.align = TILE if module is _fused3x3 else 16  # the tiles of the 3x3 buffers
+        path = "3x3" if module is _fused3x3 else "columns"
+        self.team = (path, self.kidx.dtype.name) if dtype == np.float32 else None
+        self.counter: dict = {}  # the exact-norm step count where no optimizer state is given
+        self.sums: dict = {}  # per-piece rows of POM sums, "bounds" and "exact"
+        self.desc = None  # the team descriptor, built on first use
+        self.marked = 0
+        self.phases_update = [(self.update, True, None, TEAM_UPDATE)]
+        self.phases_exact = [
+            (self.norms, True, self.active, TEAM_NORMS),
+            (self.factors, False, self.active),
+            (self.update_only, True, None, TEAM_UPDATE),
+        ]
+        self.phases_bounds = [
+            (self.bounds, True, None, TEAM_BOUNDS),
+            (self.decide, False),
+            *self.phases_exact,
+        ]
+
+    def bind(self, x, g, m, s, scaled, use_mom, adaptive, check, hp, state):
+        """This step's arrays and settings; returns this step's phases."""
+        self.x, self.g, self.m, self.s = x, g, m, s
+        self.scaled, self.use_mom, self.adaptive, self.check = scaled, use_mom, adaptive, check
+        self.hp[:] = hp
+        self.flags = (
+            scaled * TEAM_SCALED
+            + self.own * TEAM_OWN
+            + adaptive * TEAM_ADAPTIVE
+            + use_mom * TEAM_USE_MOM
+            + check * TEAM_CHECK
+        )
+        self.refreshed = False
+        self.coupled = not self.own and (adaptive or check)
+        if not self.coupled:
+            self.pfac.fill(1)
+            return self.phases_update
+        counter = self.counter if state is None else state
+        self.use_bounds = counter.get(EXACT_STATE, 0) == 0
+        if not self.use_bounds:
+            counter[EXACT_STATE] -= 1
+        self.step_counter = counter
+        self.need[:] = 0 if self.use_bounds else 1
+        self.marked = 0 if self.use_bounds else self.num_poms
+        return self.phases_bounds if self.use_bounds else self.phases_exact
+
+    def prepare(self, parts: int) -> None:
+        """Zeroed rows of POM sums for ``parts`` pieces (kept from step to step)."""
+        if self.coupled:
+            name = "bounds" if self.use_bounds else "exact"
+            self.sums[name] = _zeroed(self.sums.get(name), (parts, self.num_poms))
+
+    def factors_are_one(self) -> bool:
+        """Whether every POM's factor is 1 (the update then reads none)."""
+        return not self.coupled or _fused3x3.all_one(self.pfac)
+
+    def team_phase(self, kind, threads):
+        """This layer's part of a team call for phase ``kind`` (``_team``): the descriptor and
+        a function that returns the skipped count once the call is done."""
+        team = _team_module()
+        if self.desc is None:
+            self.desc = team.describe(
+                **dict(k=self.num_k, n=self.x.shape[1], kpr=self.kpr, align=self.align),
+                **dict(kidx=self.kidx, tcode=self.tcode, pfac=self.pfac, need=self.need),
+                hp=self.hp,
+            )
+        if not self.refreshed:  # once a step: what may change from step to step
+            team.refresh(self.desc, self.flags, self.x, self.g, self.m, self.s)
+            self.refreshed = True
+        r2 = self.sums.get("bounds" if kind == team.BOUNDS else "exact", _NO_SUMS)
+        out = np.zeros(threads, np.int64)
+        unit = kind == team.UPDATE and self.factors_are_one()
+        desc = team.phase(self.desc, kind, r2, out, TEAM_UNIT if unit else 0)
+        counted = not self.coupled and kind == team.UPDATE
+
+        def skipped():
+            return int(out.sum()) if counted else 0
+
+        return desc, skipped
+
+    def update(self, c, parts):
+        k0, k1 = _bounds(self.num_k, c, parts, self.align)
+        args = (self.x, self.g, self.m, self.s, self.kpr, self.scaled, self.kidx, self.tcode)
+        skipped = self.module.pass2(
+            *args,
+            self.pfac,
+            self.own,
+            k0,
+            k1,
+            self.hp,
+            self.adaptive,
+            self.use_mom,
+            self.check,
+            self.factors_are_one(),
+        )
+        return 0 if self.coupled else skipped  # coupled: counted per POM by ``factors``
+
+    def bounds(self, c, parts):
+        k0, k1 = _bounds(self.num_k, c, parts, self.align)
+        args = (self.x, self.g, self.s, self.kpr, self.scaled, self.kidx, self.tcode)
+        self.module.bounds(*args, k0, k1, self.hp, self.sums["bounds"][c])
+        return 0
+
+    def decide(self, c, parts):
+        self.marked, skipped = _fused3x3.decide(
+            self.sums["bounds"], self.tcode, self.adaptive, self.check, self.pfac, self.need
+        )
+        if 2 * self.marked > self.num_poms:
+            self.step_counter[EXACT_STATE] = EXACT_STEPS
+        if self.marked:
+            self.sums["exact"] = _zeroed(self.sums.get("exact"), self.sums["bounds"].shape)
+        return skipped
+
+    def norms(self, c, parts):
+        k0, k1 = _bounds(self.num_k, c, parts, self.align)
+        args = (self.x, self.g, self.s, self.kpr, self.scaled, self.kidx, self.tcode, self.need)
+        self.module.pass1(*args, k0, k1, self.hp, self.sums["exact"][c])
+        return 0
+
+    def factors(self, c, parts):
+        return _fused3x3.pom_factors(
+            self.sums["exact"], self.adaptive, self.check, self.pfac, self.need
+        )
+
+    def update_only(self, c, parts):
+        self.update(c, parts)
+        return 0  # skipped POMs were counted by ``decide`` and ``factors``
+
+    def active(self):
+        return self.marked > 0
+
+
+def _zeroed(array, shape):
+    """``array`` filled with zeros if it has ``shape``, else a new zero array."""
+    if array is None or array.shape != shape:
+        return np.zeros(shape)
+    array.fill(0)
+    return array
 
 
 def run_jobs(jobs: list[FusedJob], threads: int | None = None) -> int:
