@@ -21,17 +21,7 @@ if _fused.AVAILABLE:
     @njit(cache=False)
     def _tiles_only(x, g, m, s, kpr, kidx, tcode, pfac, own, hp, flags):
         """Every kernel through ``_tile_part`` (the general code), none through ``step16``."""
-        dt = x.dtype
-        bufs = (
-            np.empty((9, TILE), dt),
-            np.empty((9, TILE), dt),
-            np.empty((9, TILE), dt),
-            np.empty((9, TILE), dt),
-            np.empty((9, TILE), dt),
-            np.empty(TILE, np.int8),
-            np.empty(TILE, dt),
-            np.empty(TILE, np.bool_),
-        )
+        bufs = _fused3x3.tile_buffers(x)
         mf = m.reshape(-1)
         skipped = 0
         for t0 in range(0, x.shape[0], TILE):

@@ -46,7 +46,17 @@ from ._fused16 import FLAG_ADAPTIVE, FLAG_CHECK, FLAG_OWN, step16
 from ._lanes import GROUP, from_lanes, prefetch, to_lanes
 from ._layout import TILE
 
-__all__ = ["CERTAIN", "all_one", "bounds", "decide", "hyper_array", "pass1", "pass2", "pom_factors"]
+__all__ = [
+    "CERTAIN",
+    "all_one",
+    "bounds",
+    "decide",
+    "hyper_array",
+    "pass1",
+    "pass2",
+    "pom_factors",
+    "tile_buffers",
+]
 
 
 _jit_fm = dict(_jit, fastmath={"reassoc", "contract"})
@@ -508,6 +518,23 @@ def _redo_lane(i, code, X, G, M, XO, MO, factor, hp, use_mom):
         MO[j, i] = M1[j, 0]
 
 
+@njit(**_jit)
+def tile_buffers(x):
+    """The buffers of ``_tile_part`` for kernels like ``x``'s: entry-major ``X``, ``G``,
+    ``M``, ``XO``, ``MO``, and per kernel its code, factor and whether it degenerated."""
+    dt = x.dtype
+    return (
+        np.empty((9, TILE), dt),
+        np.empty((9, TILE), dt),
+        np.empty((9, TILE), dt),
+        np.empty((9, TILE), dt),
+        np.empty((9, TILE), dt),
+        np.empty(TILE, np.int8),
+        np.empty(TILE, dt),
+        np.empty(TILE, np.bool_),
+    )
+
+
 _USE_MOM = 8  # a ``flags`` bit of the tile code only (``_fused16`` needs momentum)
 
 
@@ -599,16 +626,7 @@ def pass2(
     and groups it hands back, take the tile code (``_tile_part``).
     """
     dt = x.dtype
-    bufs = (
-        np.empty((9, TILE), dt),
-        np.empty((9, TILE), dt),
-        np.empty((9, TILE), dt),
-        np.empty((9, TILE), dt),
-        np.empty((9, TILE), dt),
-        np.empty(TILE, np.int8),
-        np.empty(TILE, dt),
-        np.empty(TILE, np.bool_),
-    )
+    bufs = tile_buffers(x)
     fac16 = np.ones(GROUP, dt)  # stays 1 where ``unit``
     # kernel codes from the kernel indices: ``tcode`` is sorted (``_fused._plan``)
     bounds = np.searchsorted(tcode, np.arange(1, 4)).astype(np.int64)
