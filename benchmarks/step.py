@@ -78,7 +78,7 @@ class Config:
     repeats: int = 7
     warmup: int = 2
     geoopt_repeats: int = 5
-    train_repeats: int = 11
+    train_repeats: int = 21
     batch_size: int = 32
     img_size: int = 64
     threads: int = 2
