@@ -803,9 +803,9 @@ class FusedJob:
     number of POMs it skipped; ``active()``, where given, says whether the phase has work at
     all; ``kind`` is the same phase for ``team_phase`` on torch's OpenMP team.
 
-    The phases of a job run in order (``run_jobs``): a layer whose POMs couple several kernels
-    settles its Eq. (7) factors (gradient bounds, decision, exact norms where needed, factors)
-    before its update; other layers take one phase.
+    Phase ``i`` of every job runs before phase ``i + 1`` of any (``run_jobs``): a layer whose
+    POMs couple several kernels settles its Eq. (7) factors (gradient bounds, decision, exact
+    norms where needed, factors) before its update; other layers take one phase.
     """
 
     def __init__(
@@ -1091,17 +1091,14 @@ def _zeroed(array, shape):
 
 
 def run_jobs(jobs: list[FusedJob], threads: int | None = None) -> int:
-    """Run the fused steps of ``jobs``; returns the number of skipped POMs.
+    """Run the fused steps of ``jobs`` together; returns the number of skipped POMs.
 
-    Large float32 layers of the memory-order paths run on torch's own OpenMP team (``_team``,
-    every thread a share of each split phase), where torch runs on GNU OpenMP: layer by
-    layer, all phases of one layer before the next, so that the gradients its bounds read are
-    still in the cache when its update reads them again (measured 1-1.5 ms faster per resnet50
-    step than phase by phase over all layers). Everything else runs phase by phase, all those
-    layers together, cut into pieces of about ``PIECE_NUMEL`` entries (a small layer is one
-    piece), largest first, that threads of our own pull from a queue. Pulling matters there:
-    after each parallel torch op, torch's OpenMP workers keep spinning on their cores for
-    milliseconds, and a thread sharing a core with one runs at half speed.
+    Phase by phase: large float32 layers of the memory-order paths run their split phases on
+    torch's own OpenMP team (``_team``: one call per layer, every thread a share), where torch
+    runs on GNU OpenMP; everything else is cut into pieces of about ``PIECE_NUMEL`` entries
+    (a small layer is one piece), largest first, that threads of our own pull from a queue.
+    Pulling matters there: after each parallel torch op, torch's OpenMP workers keep spinning
+    on their cores for milliseconds, and a thread sharing a core with one runs at half speed.
     """
     threads = max(1, torch.get_num_threads() if threads is None else threads)
     team = _team_module() if threads > 1 else None
@@ -1118,15 +1115,6 @@ def run_jobs(jobs: list[FusedJob], threads: int | None = None) -> int:
         else:
             job.parts = max(1, job.numel // PIECE_NUMEL) if threads > 1 else 1
         job.prepare(job.parts)
-    skipped = _run_phases([job for job in jobs if not job.on_team], threads, team)
-    for job in jobs:
-        if job.on_team:
-            skipped += _run_phases([job], threads, team)
-    return skipped
-
-
-def _run_phases(jobs: list[FusedJob], threads: int, team) -> int:
-    """Phase ``i`` of every job in ``jobs``, then phase ``i + 1``; the skipped count."""
     skipped = 0
     for phase in range(max((len(j.phases) for j in jobs), default=0)):
         pieces, on_team, counts = [], {}, []
