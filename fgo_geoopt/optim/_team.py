@@ -9,8 +9,9 @@ Where torch runs on GNU OpenMP from its own ``libgomp`` (Linux wheels), ``GOMP_p
 that library is called through ctypes with a numba ``cfunc`` that does thread ``t``'s share of a
 phase. The work is described by int64 arrays, one per layer (``describe``, ``phase``); one team
 call per kernel path and index type does a phase of all their layers. Float32 layers with one-
-or two-byte kernel indices, the common case, have cached entry points; everything else keeps
-the Python thread pool of ``_fused``. ``FGO_DISABLE_OMP_TEAM=1`` switches this off.
+or two-byte kernel indices, the common case, have entry points (compiled on first use, cached
+on disk); everything else keeps the Python thread pool of ``_fused``.
+``FGO_DISABLE_OMP_TEAM=1`` switches this off.
 """
 
 from __future__ import annotations
