@@ -15,18 +15,19 @@ if _fused.AVAILABLE:
     from numba import njit
 
     from fgo_geoopt.optim import _fused3x3
-    from fgo_geoopt.optim._fused16 import FLAG_ADAPTIVE, FLAG_CHECK, FLAG_OWN, step16
+    from fgo_geoopt.optim._fused import FLAG_ADAPTIVE, FLAG_CHECK, FLAG_OWN, FLAG_USE_MOM
+    from fgo_geoopt.optim._fused16 import step16
     from fgo_geoopt.optim._layout import TILE, to_tiles
 
     @njit(cache=False)
-    def _tiles_only(x, g, m, s, kpr, kidx, tcode, pfac, own, hp, flags):
+    def _tiles_only(x, g, m, s, kpr, kidx, tcode, pfac, hp, flags):
         """Every kernel through ``_tile_part`` (the general code), none through ``step16``."""
         bufs = _fused3x3.tile_buffers(x)
         mf = m.reshape(-1)
         skipped = 0
         for t0 in range(0, x.shape[0], TILE):
             nt = min(TILE, x.shape[0] - t0)
-            common = (x, g, mf, s, kpr, False, kidx, tcode, pfac, own)
+            common = (x, g, mf, s, kpr, kidx, tcode, pfac)
             skipped += _fused3x3._tile_part(*common, t0, nt, 0, nt, hp, flags, bufs)
         return skipped
 
@@ -99,13 +100,13 @@ def test_pass2_equals_the_tile_code(dtype, strategy, manifolds, shape, options):
     def fac_of(k):
         return np.ones(16, dtype) if own else pfac[kidx[k : k + 16]]
 
-    flags = own * FLAG_OWN + FLAG_ADAPTIVE + FLAG_CHECK + _fused3x3._USE_MOM
+    flags = own * FLAG_OWN + FLAG_ADAPTIVE + FLAG_CHECK + FLAG_USE_MOM
     s = _fused._DUMMY_F64
     want_x, want_m = x.copy(), m.copy()
-    want_skipped = _tiles_only(want_x, g, want_m, s, kpr, kidx, tcode, pfac, own, hp, flags)
+    want_skipped = _tiles_only(want_x, g, want_m, s, kpr, kidx, tcode, pfac, hp, flags)
     got_x, got_m = x.copy(), m.copy()
-    args = (got_x, g, got_m, s, kpr, False, kidx, tcode, pfac, own, 0, coll.num_kernels, hp)
-    got_skipped = _fused3x3.pass2(*args, True, True, True, False)
+    args = (got_x, g, got_m, s, kpr, kidx, tcode, pfac, 0, coll.num_kernels, hp)
+    got_skipped = _fused3x3.pass2(*args, flags)
     assert got_skipped == want_skipped == len(skipped_kernels)
     assert not np.array_equal(got_x, x)  # the step moved the weights
     single = dtype == np.float32

@@ -59,9 +59,12 @@ EXACT_STEPS = 16
 EXACT_STATE = "exact_norm_steps"
 #: Layers with fewer entries stay off torch's OpenMP team (a team call costs microseconds).
 TEAM_MIN_NUMEL = 1 << 13
-# team phase kinds and flags (``_team``)
+# team phase kinds (``_team``)
 TEAM_BOUNDS, TEAM_NORMS, TEAM_UPDATE = 0, 1, 2
-TEAM_SCALED, TEAM_OWN, TEAM_ADAPTIVE, TEAM_USE_MOM, TEAM_CHECK, TEAM_UNIT = 1, 2, 4, 8, 16, 32
+#: Bits of a layer's step flags, one set for the team descriptors, ``pass2`` of both memory-order
+#: paths and ``_fused16.step16``: scales, one kernel per POM, Eq. (7) on, momentum, non-finite
+#: steps skipped, every POM's factor 1.
+FLAG_SCALED, FLAG_OWN, FLAG_ADAPTIVE, FLAG_USE_MOM, FLAG_CHECK, FLAG_UNIT = 1, 2, 4, 8, 16, 32
 _NO_SUMS = np.zeros((1, 1))
 #: Entries per piece of work handed to a thread (smaller layers are one piece).
 PIECE_NUMEL = 1 << 19
@@ -973,14 +976,14 @@ class _InOrder:
     def bind(self, x, g, m, s, scaled, use_mom, adaptive, check, hp, state):
         """This step's arrays and settings; returns this step's phases."""
         self.x, self.g, self.m, self.s = x, g, m, s
-        self.scaled, self.use_mom, self.adaptive, self.check = scaled, use_mom, adaptive, check
+        self.scaled, self.adaptive, self.check = scaled, adaptive, check
         self.hp[:] = hp
         self.flags = (
-            scaled * TEAM_SCALED
-            + self.own * TEAM_OWN
-            + adaptive * TEAM_ADAPTIVE
-            + use_mom * TEAM_USE_MOM
-            + check * TEAM_CHECK
+            scaled * FLAG_SCALED
+            + self.own * FLAG_OWN
+            + adaptive * FLAG_ADAPTIVE
+            + use_mom * FLAG_USE_MOM
+            + check * FLAG_CHECK
         )
         self.refreshed = False
         self.coupled = not self.own and (adaptive or check)
@@ -1022,7 +1025,7 @@ class _InOrder:
         r2 = self.sums.get("bounds" if kind == team.BOUNDS else "exact", _NO_SUMS)
         out = np.zeros(threads, np.int64)
         unit = kind == team.UPDATE and self.factors_are_one()
-        desc = team.phase(self.desc, kind, r2, out, TEAM_UNIT if unit else 0)
+        desc = team.phase(self.desc, kind, r2, out, FLAG_UNIT if unit else 0)
         counted = not self.coupled and kind == team.UPDATE
 
         def skipped():
@@ -1032,19 +1035,9 @@ class _InOrder:
 
     def update(self, c, parts):
         k0, k1 = _bounds(self.num_k, c, parts, self.align)
-        args = (self.x, self.g, self.m, self.s, self.kpr, self.scaled, self.kidx, self.tcode)
-        skipped = self.module.pass2(
-            *args,
-            self.pfac,
-            self.own,
-            k0,
-            k1,
-            self.hp,
-            self.adaptive,
-            self.use_mom,
-            self.check,
-            self.factors_are_one(),
-        )
+        args = (self.x, self.g, self.m, self.s, self.kpr, self.kidx, self.tcode, self.pfac)
+        flags = self.flags | (FLAG_UNIT if self.factors_are_one() else 0)
+        skipped = self.module.pass2(*args, k0, k1, self.hp, flags)
         return 0 if self.coupled else skipped  # coupled: counted per POM by ``factors``
 
     def bounds(self, c, parts):

@@ -30,12 +30,10 @@ from numba.core import cgutils
 from numba.core.registry import CPUDispatcher
 from numba.extending import intrinsic
 
+from ._fused import FLAG_ADAPTIVE, FLAG_CHECK, FLAG_OWN
 from ._lanes import GROUP, load_kernels, store_kernels
 
-__all__ = ["FLAG_ADAPTIVE", "FLAG_CHECK", "FLAG_OWN", "step16"]
-
-#: Bits of ``step16``'s ``flags``: one kernel per POM, Eq. (7) on, non-finite steps skipped.
-FLAG_OWN, FLAG_ADAPTIVE, FLAG_CHECK = 1, 2, 4
+__all__ = ["step16"]
 
 _I1, _I8, _I16, _I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(64)
 _CONTRACT = ("contract",)  # let products and sums fuse, as the tile code's ``fastmath`` does
@@ -226,9 +224,9 @@ def step16(typingctx, x, g, m, k, mrow, stride, kidx, bounds, fac, hp, flags):
     ``m``: the flat tile-major momentum buffer, entry ``j`` of the 16 kernels at
     ``m[mrow + j * stride :][:16]``; ``kidx``: the plan's kernel indices, whose codes are
     ``(kidx >= bounds[0]) + (kidx >= bounds[1]) + (kidx >= bounds[2])``; ``fac``: the 16
-    Eq. (7) factors (unused with ``FLAG_OWN``: then each kernel's own);
-    ``hp``: ``_fused3x3``'s hyper-parameter array; ``flags``: ``FLAG_*`` bits. Contiguous
-    arrays, one float dtype; no bounds are checked.
+    Eq. (7) factors (unused with ``FLAG_OWN``: then each kernel's own); ``hp``:
+    ``_fused3x3``'s hyper-parameter array; ``flags``: ``_fused.FLAG_*`` bits (ownership, Eq. (7)
+    and the checks are read). Contiguous arrays, one float dtype; no bounds are checked.
     """
     if not _valid(x, g, m, kidx, bounds, fac, hp):
         return None

@@ -34,6 +34,12 @@ from numba import njit
 
 from ._fused import (
     EUCLIDEAN,
+    FLAG_ADAPTIVE,
+    FLAG_CHECK,
+    FLAG_OWN,
+    FLAG_SCALED,
+    FLAG_UNIT,
+    FLAG_USE_MOM,
     SPHERE,
     STIEFEL,
     _jit,
@@ -42,7 +48,7 @@ from ._fused import (
     _soa_project,
     _soa_rgrad,
 )
-from ._fused16 import FLAG_ADAPTIVE, FLAG_CHECK, FLAG_OWN, step16
+from ._fused16 import step16
 from ._lanes import GROUP, from_lanes, prefetch, to_lanes
 from ._layout import TILE
 
@@ -535,11 +541,8 @@ def tile_buffers(x):
     )
 
 
-_USE_MOM = 8  # a ``flags`` bit of the tile code only (``_fused16`` needs momentum)
-
-
 @njit(**_jit_fm)
-def _tile_part(x, g, mf, s, kpr, scaled, kidx, tcode, pfac, own, t0, nt, c0, cnt, hp, flags, bufs):
+def _tile_part(x, g, mf, s, kpr, kidx, tcode, pfac, t0, nt, c0, cnt, hp, flags, bufs):
     """The update of the kernels ``[t0 + c0, t0 + c0 + cnt)`` of the tile ``[t0, t0 + nt)``
     through the entry-major buffers ``bufs``; returns the number of skipped kernels.
 
@@ -547,8 +550,9 @@ def _tile_part(x, g, mf, s, kpr, scaled, kidx, tcode, pfac, own, t0, nt, c0, cnt
     code), skipped kernels and POMs (left as they were, bit for bit).
     """
     X, G, M, XO, MO, typ, fac, bad = bufs
+    scaled, own = flags & FLAG_SCALED != 0, flags & FLAG_OWN != 0
     adaptive, check = flags & FLAG_ADAPTIVE != 0, flags & FLAG_CHECK != 0
-    use_mom = flags & _USE_MOM != 0
+    use_mom = flags & FLAG_USE_MOM != 0
     lr, c_old, c_new, a_r, a_b = hp[_LR], hp[_C_OLD], hp[_C_NEW], hp[_A_R], hp[_A_B]
     wd, sign, zero, half, one, two = hp[_WD], hp[_SIGN], hp[_ZERO], hp[_HALF], hp[_ONE], hp[_TWO]
     tiny2, eps16sq = hp[_TINY2], hp[_EPS16SQ]
@@ -611,16 +615,13 @@ def _tile_part(x, g, mf, s, kpr, scaled, kidx, tcode, pfac, own, t0, nt, c0, cnt
 
 
 @njit(**_jit_fm)
-def pass2(
-    x, g, m, s, kpr, scaled, kidx, tcode, pfac, own, k0, k1, hp, adaptive, use_mom, check, unit
-):
+def pass2(x, g, m, s, kpr, kidx, tcode, pfac, k0, k1, hp, flags):
     """The update of the kernels in ``[k0, k1)``; returns the number of skipped kernels.
 
     ``k0`` is a multiple of ``TILE``, and the momentum buffer ``m`` is tile-major (see
-    ``_layout.to_tiles``).
-
-    ``own``: every kernel is its own POM, and its step factor comes from its own gradient;
-    otherwise from ``pfac`` per POM (``pom_factors``); ``unit``: all of those are 1.
+    ``_layout.to_tiles``). ``flags``: ``_fused.FLAG_*`` bits. With ``FLAG_OWN`` every kernel is
+    its own POM, and its step factor comes from its own gradient; otherwise from ``pfac`` per
+    POM (``pom_factors``), all 1 with ``FLAG_UNIT``.
 
     Groups of 16 kernels take ``_fused16.step16`` (in registers) where it applies; the rest,
     and groups it hands back, take the tile code (``_tile_part``).
@@ -630,10 +631,11 @@ def pass2(
     fac16 = np.ones(GROUP, dt)  # stays 1 where ``unit``
     # kernel codes from the kernel indices: ``tcode`` is sorted (``_fused._plan``)
     bounds = np.searchsorted(tcode, np.arange(1, 4)).astype(np.int64)
-    flags = own * FLAG_OWN + adaptive * FLAG_ADAPTIVE + check * FLAG_CHECK + use_mom * _USE_MOM
-    fast = use_mom and not scaled
+    own, unit = flags & FLAG_OWN != 0, flags & FLAG_UNIT != 0
+    use_mom = flags & FLAG_USE_MOM != 0
+    fast = use_mom and flags & FLAG_SCALED == 0
     mf = m.reshape(-1)
-    common = (x, g, mf, s, kpr, scaled, kidx, tcode, pfac, own)
+    common = (x, g, mf, s, kpr, kidx, tcode, pfac)
     skipped = 0
     for t0 in range(k0, k1, TILE):
         nt = min(TILE, k1 - t0)

@@ -14,7 +14,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._fused import EUCLIDEAN, _jit
+from ._fused import (
+    EUCLIDEAN,
+    FLAG_ADAPTIVE,
+    FLAG_CHECK,
+    FLAG_OWN,
+    FLAG_SCALED,
+    FLAG_UNIT,
+    FLAG_USE_MOM,
+    _jit,
+)
 from ._fused3x3 import _A_B, _A_R, _C_NEW, _C_OLD, _LR, _ONE, _SIGN, _TINY2, _TWO, _WD, _ZERO
 
 __all__ = ["bounds", "pass1", "pass2"]
@@ -193,11 +202,12 @@ def _update(x, g, m, s, sc, eu, f, a, hp, use_mom):
 
 
 @njit(**_jit_fm)
-def pass2(
-    x, g, m, s, kpr, scaled, kidx, tcode, pfac, own, k0, k1, hp, adaptive, use_mom, check, unit
-):
+def pass2(x, g, m, s, kpr, kidx, tcode, pfac, k0, k1, hp, flags):
     """The update of the kernels in ``[k0, k1)``; returns the number of skipped kernels.
-    ``unit``: every factor in ``pfac`` is 1."""
+    ``flags``: ``_fused.FLAG_*`` bits, as ``_fused3x3.pass2``."""
+    scaled, own = flags & FLAG_SCALED != 0, flags & FLAG_OWN != 0
+    adaptive, check = flags & FLAG_ADAPTIVE != 0, flags & FLAG_CHECK != 0
+    use_mom, unit = flags & FLAG_USE_MOM != 0, flags & FLAG_UNIT != 0
     sign, wd, one, two, n = hp[_SIGN], hp[_WD], hp[_ONE], hp[_TWO], x.shape[1]
     skipped = 0
     for k in range(k0, k1):

@@ -30,15 +30,10 @@ from numba.core.extending import intrinsic
 
 from . import _fused3x3, _fused_columns
 from ._fused import (
-    TEAM_ADAPTIVE,
+    FLAG_SCALED,
     TEAM_BOUNDS,
-    TEAM_CHECK,
     TEAM_NORMS,
-    TEAM_OWN,
-    TEAM_SCALED,
-    TEAM_UNIT,
     TEAM_UPDATE,
-    TEAM_USE_MOM,
     _jit,
 )
 
@@ -99,17 +94,12 @@ def _share(d, tid, nth):
 @njit(**_jit)
 def _body(d, is3x3, x, g, m, s, kidx, tcode, pfac, need, hp, tid, nth):
     flags = d[_FLAGS]
-    scaled, own = flags & TEAM_SCALED != 0, flags & TEAM_OWN != 0
-    adaptive, use_mom = flags & TEAM_ADAPTIVE != 0, flags & TEAM_USE_MOM != 0
-    check, unit = flags & TEAM_CHECK != 0, flags & TEAM_UNIT != 0
+    scaled = flags & FLAG_SCALED != 0
     k0, k1 = _share(d, tid, nth)
     kpr, kind = d[_KPR], d[_KIND]
     if kind == UPDATE:
-        args = (x, g, m, s, kpr, scaled, kidx, tcode, pfac, own, k0, k1, hp)
-        if is3x3:
-            skipped = _fused3x3.pass2(*args, adaptive, use_mom, check, unit)
-        else:
-            skipped = _fused_columns.pass2(*args, adaptive, use_mom, check, unit)
+        args = (x, g, m, s, kpr, kidx, tcode, pfac, k0, k1, hp, flags)
+        skipped = _fused3x3.pass2(*args) if is3x3 else _fused_columns.pass2(*args)
         carray(_ptr(d[_OUT]), (d[_ROWS],), np.int64)[tid] = skipped
         return
     r2 = carray(_ptr(d[_R2]), (d[_ROWS], d[_P]), np.float64)[tid]
