@@ -107,7 +107,7 @@ class _Vec:
 
 
 def _call(builder, name, value):
-    fnty = ir.FunctionType(value.type, [value.type] * 1)
+    fnty = ir.FunctionType(value.type, [value.type])
     fn = cgutils.get_or_insert_function(builder.module, fnty, name)
     return builder.call(fn, [value])
 
