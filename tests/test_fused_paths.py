@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 
 import geoopt
 import pytest
@@ -247,3 +248,39 @@ def test_parameters_sharing_a_collection_and_copies_of_a_used_one(mode, monkeypa
     copied = copy.deepcopy(coll)
     assert copied._cache == {}
     run([param(copied), param(coll)], steps=3)
+
+
+@needs_numba
+@pytest.mark.parametrize("mode", ["team", "pool"])
+@pytest.mark.parametrize("shape", [(64, 32, 3, 3), (96, 80)])
+def test_step_keeps_no_reference_to_gradients(mode, shape, monkeypatch):
+    """After a step, ``zero_grad(set_to_none=True)`` frees the gradients: the fused step must
+    not keep them (or the weights' and buffers' views) alive. Kept gradients made every
+    backward allocate and fault in all of them afresh. Also after a step that fails."""
+    if mode == "team":
+        _team_or_skip()
+    else:
+        monkeypatch.setattr(_fused, "_TEAM", [None])
+    coll = build_collection(shape, "pio4", seed=0)
+    gen = torch.Generator().manual_seed(1)
+    p = geoopt.ManifoldParameter(coll.projx(torch.randn(shape, generator=gen)), manifold=coll)
+    opt = FGSGD([p], lr=0.1, momentum=0.9, backend="fused")
+    for step in range(3):
+        p.grad = torch.randn(shape, generator=gen)
+        grad = p.grad.untyped_storage()._weak_ref()  # the memory, not the tensor object
+        if step == 2:  # a step that raises half-way: the arrays are dropped all the same
+
+            def failing(*args, **kwargs):
+                raise RuntimeError("stop")
+
+            monkeypatch.setattr(_fused, "_parallel", failing)
+            monkeypatch.setattr(_fused, "_TEAM", [None])
+            with pytest.raises(RuntimeError, match="stop"):
+                opt.step()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        gc.collect()
+        freed = torch.UntypedStorage._expired(grad)
+        torch.UntypedStorage._free_weak_ref(grad)
+        assert freed, f"step {step}: the gradient's memory outlived zero_grad"
