@@ -52,7 +52,7 @@ def _run_main(bench):
     argv = [
         "--model", "test_resnet", "--presets", "st,pio4", "--repeats", "2", "--warmup", "1",
         "--geoopt-repeats", "1", "--train-repeats", "1", "--batch-size", "2", "--img-size", "32",
-        "--wrap-model", "test_resnet", "--launches", "--json",
+        "--wrap-model", "test_resnet", "--launches", "--malloc", "default", "--json",
     ]  # fmt: skip
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
         rc = bench.main(argv)
@@ -108,6 +108,52 @@ def test_checks_and_table_cover_every_target(result):
         assert res["machine"][key]
     assert "first-step (compile) time" in table
     assert "ratios of the fastest steps" in table
+    assert "minor page faults per timed step" in table
+    assert "--malloc default" in table
+    for case in [*res["step"].values(), *res["train"].values()]:
+        assert case["page_faults"] >= 0
+
+
+_FAULTS_SCRIPT = """
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("bench", sys.argv[1])
+bench = importlib.util.module_from_spec(spec)
+sys.modules["bench"] = bench
+spec.loader.exec_module(bench)
+print(bench.set_malloc(sys.argv[2]))
+counts = []
+for _ in range(3):  # 64 MiB allocated, written and freed, three times
+    f0 = bench._faults()
+    t = torch.ones(16 << 20)
+    del t
+    counts.append(bench._faults() - f0)
+print(counts[-1])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator settings")
+def test_malloc_keep_stops_freed_memory_from_faulting_back_in(bench):
+    """``--malloc keep``: memory freed stays with the process, so allocating it again costs no
+    page faults; glibc's defaults hand a 64 MiB block back and fault it in every time."""
+    import platform
+    import subprocess
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    faults, said = {}, {}
+    for mode in ("default", "keep"):
+        out = subprocess.run(
+            [sys.executable, "-c", _FAULTS_SCRIPT, str(_PATH), mode],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\n")
+        said[mode], faults[mode] = out[0], int(out[1])
+    assert said["keep"] == "glibc, trim and mmap thresholds 1 GiB"
+    assert faults["default"] > 500  # 64 MiB in 4 KiB pages is 16,384 (fewer with huge pages)
+    assert faults["keep"] < faults["default"] / 10
+    with pytest.raises(ValueError, match="keep"):
+        bench.set_malloc("never")
 
 
 def test_sgd_state_bytes_are_the_momentum_buffers(bench):

@@ -27,9 +27,23 @@ if _fused.AVAILABLE:
         skipped = 0
         for t0 in range(0, x.shape[0], TILE):
             nt = min(TILE, x.shape[0] - t0)
-            common = (x, g, mf, s, kpr, kidx, tcode, pfac)
-            skipped += _fused3x3._tile_part(*common, t0, nt, 0, nt, hp, flags, bufs)
+            skipped += _fused3x3._tile_part(
+                x, g, mf, s, kpr, kidx, tcode, pfac, t0, nt, 0, nt, hp, flags, bufs
+            )
         return skipped
+
+    @njit(cache=False, error_model="numpy")  # 1 / 0 is inf, as in the fused step
+    def _both_retractions(tp, y, hp):
+        """``_retract`` (CGS2) and ``_retract_gram`` (Cholesky QR) of one kernel ``y``."""
+        zero, one = hp[_fused3x3._ZERO], hp[_fused3x3._ONE]
+        tiny2, eps16sq = hp[_fused3x3._TINY2], hp[_fused3x3._EPS16SQ]
+        yt = (y[0], y[1], y[2], y[3], y[4], y[5], y[6], y[7], y[8])
+        a, bad_a = _fused3x3._retract(tp, zero, one, tiny2, eps16sq, yt)
+        b, bad_b = _fused3x3._retract_gram(tp, zero, one, 0.25, tiny2, eps16sq, yt)
+        out = np.empty((2, 9), y.dtype)
+        for j in range(9):
+            out[0, j], out[1, j] = a[j], b[j]
+        return out, bad_a, bad_b
 
     @njit(cache=False)
     def _step_group(x, g, m, k, kidx, tcode, fac, hp, flags):
@@ -127,6 +141,41 @@ def test_pass2_equals_the_tile_code(dtype, strategy, manifolds, shape, options):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gram_retraction_equals_gram_schmidt(dtype):
+    """The registers' retraction (Cholesky QR of the Gram matrix) gives the tile code's
+    (Gram-Schmidt twice) on every manifold type, for moved points near the manifold and far
+    from it; it hands back what Gram-Schmidt finds degenerate, and Stiefel kernels whose later
+    columns lose more than three quarters of their squared norm."""
+    rng = np.random.default_rng(0)
+    hp = _hyper(dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-13}
+    compared = 0
+    for tp in range(4):
+        for spread in (1e-3, 0.3, 1.0):
+            for _ in range(50):
+                q = np.linalg.qr(rng.standard_normal((3, 3)))[0]
+                y = (q + spread * rng.standard_normal((3, 3))).astype(dtype).reshape(9)
+                out, bad_a, bad_b = _both_retractions(tp, y, hp)
+                assert not bad_a
+                if bad_b:  # only Stiefel kernels far from the manifold are handed back
+                    assert tp == _fused.STIEFEL and spread > 0.1
+                    continue
+                np.testing.assert_allclose(out[1], out[0], **tol)
+                compared += 1
+    assert compared > 550  # of 600
+    # Stiefel: column 1 almost along column 0 (Gram-Schmidt copes, Cholesky hands back)
+    y = np.array([1.0, 0.99, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0, 1.0], dtype)
+    _, bad_a, bad_b = _both_retractions(_fused.STIEFEL, y, hp)
+    assert not bad_a and bad_b
+    # degenerate for both: a zero column (Stiefel, oblique), a zero kernel (sphere)
+    y = np.array([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0], dtype)
+    for tp in (_fused.STIEFEL, _fused.OBLIQUE):
+        assert _both_retractions(tp, y, hp)[1:] == (True, True)
+    assert _both_retractions(_fused.SPHERE, np.zeros(9, dtype), hp)[1:] == (True, True)
+    assert _both_retractions(_fused.EUCLIDEAN, np.zeros(9, dtype), hp)[1:] == (False, False)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_step16_hands_back_groups_it_cannot_do(dtype):
     """A plain group is stepped in place; a group with a degenerate retraction (a Stiefel
     kernel with a zero column) or a skipped POM is left untouched (``False``)."""
@@ -147,6 +196,14 @@ def test_step16_hands_back_groups_it_cannot_do(dtype):
     assert not _step_group(x, g, m, 16, kidx, tcode, fac, no_momentum, FLAG_OWN)
     np.testing.assert_array_equal(x, before[0])
     np.testing.assert_array_equal(m, before[1])
+
+    # a Stiefel kernel whose second column nearly follows the first: the Gram retraction
+    # hands it back, and the tile code (Gram-Schmidt) steps the group
+    assert _step_group(x.copy(), g, m.copy(), 16, kidx, tcode, fac, hp, FLAG_OWN)
+    x[24] = [1.0, 0.999, 0.0, 0.0, 0.05, 0.0, 0.0, 0.0, 1.0]
+    before = x.copy(), m.copy()
+    assert not _step_group(x, g, m, 16, kidx, tcode, fac, hp, FLAG_OWN)
+    np.testing.assert_array_equal(x, before[0])
 
     fac[3] = -1.0  # kernel 35's POM is skipped
     assert not _step_group(x, g, m, 32, kidx, tcode, fac, hp, 0)

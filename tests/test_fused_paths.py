@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
+from pathlib import Path
 
 import geoopt
+import numpy as np
 import pytest
 import torch
 
@@ -284,3 +287,35 @@ def test_step_keeps_no_reference_to_gradients(mode, shape, monkeypatch):
         freed = torch.UntypedStorage._expired(grad)
         torch.UntypedStorage._free_weak_ref(grad)
         assert freed, f"step {step}: the gradient's memory outlived zero_grad"
+
+
+@needs_numba
+def test_fused_numba_code_shares_one_cache_stamp(tmp_path, monkeypatch):
+    """numba's disk cache of every fused function is stamped with all the fused modules'
+    sources: a cached caller must not keep the old code of a callee in another file (the team
+    entry points compile all of ``_fused3x3`` into themselves; a stale one ran old code after
+    ``_fused3x3.py`` changed)."""
+    from fgo_geoopt.optim import _fused3x3, _numba_cache, _team
+
+    assert _numba_cache.install()
+    dispatchers = [_fused3x3.pass2, _fused3x3.bounds, _fused._soa_chunk]
+    if _team.KEYS:
+        dispatchers.append(_team._entry(True, np.int8))
+    for fn in dispatchers:
+        assert isinstance(fn._cache._impl.locator, _numba_cache._Stamped), fn
+
+    copies = []
+    for path in _numba_cache.FILES:
+        copy_path = tmp_path / os.path.basename(path)
+        copy_path.write_bytes(Path(path).read_bytes())
+        copies.append(str(copy_path))
+    monkeypatch.setattr(_numba_cache, "FILES", tuple(copies))
+    monkeypatch.setattr(_numba_cache, "_STATE", dict(_numba_cache._STATE))
+    _numba_cache._STATE.pop("stamp", None)
+    first = _numba_cache._stamp()
+    for path in copies:  # a change in any one of the files changes the stamp
+        with open(path, "a") as fh:
+            fh.write("\n# edited\n")
+        _numba_cache._STATE.pop("stamp")
+        assert _numba_cache._stamp() != first
+        first = _numba_cache._stamp()

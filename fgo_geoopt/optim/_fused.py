@@ -36,6 +36,10 @@ try:  # numba is a declared dependency, but the library keeps working without it
     from numba import njit
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
+else:  # before any function below is decorated: numba picks its cache locator then
+    from . import _numba_cache
+
+    _numba_cache.install()
 
 __all__ = [
     "AVAILABLE",

@@ -131,6 +131,33 @@ class _VecNumpy:
         return _Vec(a.b, a.b.fcmp_ordered("<", magnitude, inf))  # false for inf and NaN
 
 
+# float32 lanes: LLVM may use the target's estimates (reciprocal square root, reciprocal)
+# refined by a Newton step for these forms; within a few units in the last place
+_FAST = ("afn", "arcp", "contract", "nnan", "ninf", "nsz")
+
+
+def _fast32(v):
+    return isinstance(v.v.type.element, ir.FloatType)
+
+
+def _vsqrt(v):
+    if not _fast32(v):
+        return _VecNumpy.sqrt(v)
+    fnty = ir.FunctionType(v.v.type, [v.v.type])
+    fn = cgutils.get_or_insert_function(v.b.module, fnty, _intrinsic_name("sqrt", v.v.type))
+    return _Vec(v.b, v.b.call(fn, [v.v], fastmath=_FAST))
+
+
+def _vrecip(one, v):
+    if not _fast32(v):
+        return one / v
+    return _Vec(v.b, v.b.fdiv(one.v, v.v, flags=_FAST))
+
+
+def _vrsqrt(one, v):
+    return _vrecip(one, _vsqrt(v))
+
+
 def _vmax(a, b):
     fnty = ir.FunctionType(a.v.type, [a.v.type, a.v.type])
     fn = cgutils.get_or_insert_function(a.b.module, fnty, _intrinsic_name("maxnum", a.v.type))
@@ -165,6 +192,7 @@ def _helpers() -> dict:
                     fn.__code__, env, fn.__name__, fn.__defaults__, fn.__closure__
                 )
         env.update(_where=_vwhere, _and=_vand, _not=_vnot, np=_VecNumpy, max=_vmax)
+        env.update(_rsqrt=_vrsqrt, _sqrt=_vsqrt, _recip=_vrecip)
         _HELPERS.update(env)
     return _HELPERS
 
@@ -273,17 +301,27 @@ def step16(typingctx, x, g, m, k, mrow, stride, kidx, bounds, fac, hp, flags):
         fac_in = vec(vload(afac.data, ir.Constant(_I64, 0), vty))
         zero, half, one, two = (hyper(i) for i in (f3._ZERO, f3._HALF, f3._ONE, f3._TWO))
         step = tuple(hyper(i) for i in (f3._LR, f3._C_OLD, f3._C_NEW, f3._A_R, f3._A_B))
-        own, adaptive, check = (
-            _flag(builder, flags, b) for b in (FLAG_OWN, FLAG_ADAPTIVE, FLAG_CHECK)
-        )
+        adaptive, check = (_flag(builder, flags, b) for b in (FLAG_ADAPTIVE, FLAG_CHECK))
 
-        # the same helpers, in the same order, as the lane loops of ``_fused3x3.pass2``
+        # the same helpers, in the same order, as the lane loops of ``_fused3x3.pass2``, but
+        # the retraction from the Gram matrix (``_retract_gram``: half the latency)
         r = h["_rgrad"](tp, zero, half, hyper(f3._WD), tuple(xv), tuple(gv))
-        own_f = h["_own_factor"](h["_sqnorm"](r), adaptive, check, one, two)
-        factor = _vwhere(own, own_f, fac_in)
+        # the kernels' own Eq. (7) factors only where they are used (a square root and a
+        # division on every lane otherwise)
+        own_bit = builder.icmp_unsigned(
+            "!=", builder.and_(flags, ir.Constant(_I64, FLAG_OWN)), ir.Constant(_I64, 0)
+        )
+        before = builder.basic_block
+        with builder.if_then(own_bit):
+            own_f = h["_own_factor"](h["_sqnorm"](r), adaptive, check, one, two).v
+            own_block = builder.basic_block
+        merged = builder.phi(vty)
+        merged.add_incoming(own_f, own_block)
+        merged.add_incoming(fac_in.v, before)
+        factor = vec(merged)
         r = h["_scale9"](factor, r)
         y, b = h["_move"](tuple(xv), r, tuple(mv), step)
-        xn, bad = h["_retract"](tp, zero, one, hyper(f3._TINY2), hyper(f3._EPS16SQ), y)
+        xn, bad = h["_retract_gram"](tp, zero, one, 0.25, hyper(f3._TINY2), hyper(f3._EPS16SQ), y)
         bn = h["_transport"](tp, zero, half, xn, b)
 
         general = builder.or_(bad.v, (factor < 0.0).v)  # degenerate or skipped lanes
