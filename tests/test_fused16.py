@@ -15,7 +15,13 @@ if _fused.AVAILABLE:
     from numba import njit
 
     from fgo_geoopt.optim import _fused3x3
-    from fgo_geoopt.optim._fused import FLAG_ADAPTIVE, FLAG_CHECK, FLAG_OWN, FLAG_USE_MOM
+    from fgo_geoopt.optim._fused import (
+        FLAG_ADAPTIVE,
+        FLAG_CHECK,
+        FLAG_OWN,
+        FLAG_SCALED,
+        FLAG_USE_MOM,
+    )
     from fgo_geoopt.optim._fused16 import step16
     from fgo_geoopt.optim._layout import TILE, to_tiles
 
@@ -46,12 +52,14 @@ if _fused.AVAILABLE:
         return out, bad_a, bad_b
 
     @njit(cache=False)
-    def _step_group(x, g, m, k, kidx, tcode, fac, hp, flags):
+    def _step_group(x, g, m, k, kidx, tcode, fac, hp, flags, s=None, kpr=1):
         bounds = np.searchsorted(tcode, np.arange(1, 4)).astype(np.int64)
         t0 = k - k % TILE
         nt = min(TILE, x.shape[0] - t0)
         mrow = t0 * 9 + k - t0
-        return step16(x, g, m.reshape(-1), k, mrow, nt, kidx, bounds, fac, hp, flags)
+        scales = np.ones(1, x.dtype) if s is None else s
+        args = (k, kpr, mrow, nt, kidx, bounds, fac, hp, flags)
+        return step16(x, g, m.reshape(-1), scales, *args)
 
 
 MIX = ("sphere", "oblique", "stiefel", "euclidean")
@@ -92,15 +100,28 @@ def _hyper(dtype, nesterov=False, maximize=False, weight_decay=0.0):
         ("pio4", None, (16, 16, 3, 3), {"nesterov": True, "weight_decay": 0.1}),
         ("st", None, (24, 8, 3, 3), {"maximize": True}),
         ("single", MIX, (40, 5, 3, 3), {"weight_decay": 0.1}),
+        ("pio4", None, (24, 32, 3, 3), {"scaled": True}),  # rows of two groups
+        ("st", None, (16, 48, 3, 3), {"scaled": True, "maximize": True}),
+        ("single", MIX, (20, 15, 3, 3), {"scaled": True}),  # every group straddles two rows
     ],
 )
 def test_pass2_equals_the_tile_code(dtype, strategy, manifolds, shape, options):
     """``pass2`` (groups in registers where they apply) leaves the weights and the buffer as
     the tile code alone does, with POM factors below 1 and a skipped POM (coupled layers) or
-    Eq. (7) per kernel and a non-finite gradient (one-kernel POMs)."""
+    Eq. (7) per kernel and a non-finite gradient (one-kernel POMs); with scales (one per
+    kernel of a row), groups within a row in registers, the others in the tile code."""
+    options = dict(options)
+    scaled = options.pop("scaled", False)
     coll, plan, (x, g, m) = _layer(shape, strategy, dtype, manifolds)
     own = coll.pom_ptr is None
     kidx, tcode, kpr = plan["kidx"], plan["tcode"], coll.kernels_per_row
+    s = np.ones(1, dtype)
+    if scaled:  # the stored weights are R w (Euclidean kernels unscaled)
+        s = np.random.default_rng(2).uniform(0.05, 2.0, kpr).astype(dtype)
+        codes = tcode[kidx]
+        for k in range(len(x)):
+            if codes[k] != _fused.EUCLIDEAN:
+                x[k] *= s[k % kpr]
     pfac = np.ones(1 if own else coll.num_poms, dtype)
     if own:
         g[37, 4] = np.nan  # kernel 37 is skipped: its group goes to the tile code
@@ -114,8 +135,7 @@ def test_pass2_equals_the_tile_code(dtype, strategy, manifolds, shape, options):
     def fac_of(k):
         return np.ones(16, dtype) if own else pfac[kidx[k : k + 16]]
 
-    flags = own * FLAG_OWN + FLAG_ADAPTIVE + FLAG_CHECK + FLAG_USE_MOM
-    s = _fused._DUMMY_F64
+    flags = own * FLAG_OWN + FLAG_ADAPTIVE + FLAG_CHECK + FLAG_USE_MOM + scaled * FLAG_SCALED
     want_x, want_m = x.copy(), m.copy()
     want_skipped = _tiles_only(want_x, g, want_m, s, kpr, kidx, tcode, pfac, hp, flags)
     got_x, got_m = x.copy(), m.copy()
@@ -129,12 +149,17 @@ def test_pass2_equals_the_tile_code(dtype, strategy, manifolds, shape, options):
     np.testing.assert_allclose(got_m, want_m, **tol)
     for k in skipped_kernels:  # left bit for bit
         np.testing.assert_array_equal(got_x[k], x[k])
-    # and the registers did the work: every whole group without a skipped kernel
+    # and the registers did the work: every whole group without a skipped kernel (and, with
+    # scales, within one row)
     groups = [
         k for t0 in range(0, len(x), TILE) for k in range(t0, min(len(x), t0 + TILE) - 15, 16)
     ]
+    if scaled:
+        groups = [k for k in groups if k % kpr + 16 <= kpr]
+        assert (len(groups) > 0) == (kpr % 16 == 0)
     taken = [
-        _step_group(x.copy(), g, m.copy(), k, kidx, tcode, fac_of(k), hp, flags) for k in groups
+        _step_group(x.copy(), g, m.copy(), k, kidx, tcode, fac_of(k), hp, flags, s, kpr)
+        for k in groups
     ]
     plain = [not any(k <= j < k + 16 for j in skipped_kernels) for k in groups]
     assert taken == plain and sum(plain) >= len(groups) // 2

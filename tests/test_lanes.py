@@ -61,7 +61,7 @@ def test_3x3_bounds_equal_the_general_bounds(dtype, scaled, weight_decay, sign, 
     num_k, kpr, poms = 200, 10, 23
     x = rng.standard_normal((num_k, 9)).astype(dtype)
     g = rng.standard_normal((num_k, 9)).astype(dtype)
-    s = 0.5 + rng.random(kpr * 9)
+    s = (0.5 + rng.random(kpr)).astype(dtype)  # per kernel on the 3x3 path, per entry below
     kidx = rng.integers(0, poms, num_k).astype(np.uint16)
     tcode = np.array([_fused.SPHERE, _fused.OBLIQUE, _fused.STIEFEL, _fused.EUCLIDEAN], np.int8)[
         rng.integers(0, 4, poms)
@@ -71,6 +71,7 @@ def test_3x3_bounds_equal_the_general_bounds(dtype, scaled, weight_decay, sign, 
     )
     fast, general = np.zeros(poms), np.zeros(poms)
     _fused3x3.bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, fast)
-    _fused_columns.bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, general)
+    per_entry = np.repeat(s.astype(np.float64), 9)
+    _fused_columns.bounds(x, g, per_entry, kpr, scaled, kidx, tcode, k0, k1, hp, general)
     assert (general > 0).sum() >= min(poms, k1 - k0) // 2  # the range touched most POMs
     np.testing.assert_allclose(fast, general, rtol=1e-5 if dtype == np.float32 else 1e-12)

@@ -730,6 +730,22 @@ def _parallel(tasks: list) -> list:
 
 _DUMMY_I32 = np.zeros(1, np.int32)
 _DUMMY_F64 = np.ones(1, np.float64)
+_ONES = {np.dtype(t): np.ones(1, t) for t in ("f4", "f8")}
+
+
+def _kernel_scales(coll, dtype) -> np.ndarray:
+    """The scale of each 3x3 kernel of a weight row (scales are per input channel, so one per
+    kernel), in ``dtype``; a dummy where the collection is not scaled."""
+    if coll.scale is None:
+        return _ONES[np.dtype(dtype)]
+    key = ("scale", "per kernel", np.dtype(dtype).str)  # dropped by ``set_scale``
+    out = coll._cache.get(key)
+    if out is None:
+        per_entry = coll.elem_scale("cpu", coll.scale.dtype)
+        if coll.kernel_numel != coll.channel_numel:  # not one input channel per kernel
+            raise ValueError("the 3x3 path needs one scale per kernel")
+        out = coll._cache[key] = np.ascontiguousarray(per_entry[:, 0].numpy(), dtype=dtype)
+    return out
 
 
 def _plan(coll) -> dict:
@@ -838,7 +854,12 @@ class FusedJob:
         if plan is None:
             plan = coll._cache["fused"] = _plan(coll)
         scale = coll.scale
-        s = _DUMMY_F64 if scale is None else coll.elem_scale("cpu", scale.dtype).reshape(-1).numpy()
+        if plan["path"] == "3x3":  # one scale per kernel, in the weights' dtype
+            s = _kernel_scales(coll, x2d.dtype)
+        elif scale is None:
+            s = _DUMMY_F64
+        else:
+            s = coll.elem_scale("cpu", scale.dtype).reshape(-1).numpy()
         use_mom = m2d is not None
         m2d = m2d if use_mom else x2d
         self.numel = x2d.size

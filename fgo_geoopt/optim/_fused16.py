@@ -16,8 +16,8 @@ lanes. The helpers take their branches through ``_where`` / ``_and`` / ``_not``,
 selects and mask operations on vectors.
 
 A group whose step is not plain (a degenerate retraction, a skipped POM or kernel) stores
-nothing; ``_fused3x3`` redoes it with the tile code, which handles those cases. Scaled
-kernels, steps without momentum and leftover kernels take the tile code too.
+nothing; ``_fused3x3`` redoes it with the tile code, which handles those cases. Steps without
+momentum, leftover kernels and scaled groups that straddle two rows take the tile code too.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from numba.core import cgutils
 from numba.core.registry import CPUDispatcher
 from numba.extending import intrinsic
 
-from ._fused import FLAG_ADAPTIVE, FLAG_CHECK, FLAG_OWN
+from ._fused import FLAG_ADAPTIVE, FLAG_CHECK, FLAG_OWN, FLAG_SCALED
 from ._lanes import GROUP, load_kernels, store_kernels
 
 __all__ = ["step16"]
@@ -211,15 +211,15 @@ def _flag(builder, flags, bit):
     return _Vec(builder, _splat(builder, on, ir.VectorType(_I1, GROUP)))
 
 
-def _valid(x, g, m, kidx, bounds, fac, hp):
-    arrays = (x, g, m, kidx, bounds, fac, hp)
+def _valid(x, g, m, s, kidx, bounds, fac, hp):
+    arrays = (x, g, m, s, kidx, bounds, fac, hp)
     if not all(isinstance(a, types.Array) and a.layout == "C" for a in arrays):
         return False
     dtype = x.dtype
     return (
         dtype in (types.float32, types.float64)
         and x.ndim == g.ndim == 2
-        and all(a.dtype == dtype for a in (g, m, fac, hp))
+        and all(a.dtype == dtype for a in (g, m, s, fac, hp))
         and kidx.dtype in (types.int8, types.uint16, types.int32)
         and bounds.dtype == types.int64
     )
@@ -244,11 +244,14 @@ def _codes(builder, kidx_ty, data, k, bounds_data):
 
 
 @intrinsic
-def step16(typingctx, x, g, m, k, mrow, stride, kidx, bounds, fac, hp, flags):
+def step16(typingctx, x, g, m, s, k, kpr, mrow, stride, kidx, bounds, fac, hp, flags):
     """One momentum step of the 16 kernels ``[k, k + 16)`` of ``x`` (``(K, 9)``, with their
     gradients ``g``), in place; ``True`` if done, ``False`` if nothing was stored because the
     group needs the general code.
 
+    ``s``: with ``FLAG_SCALED``, the scale of each kernel of a row of ``kpr`` kernels (the 16
+    must lie in one row: ``k % kpr + 16 <= kpr``); the step works in unit coordinates, as
+    the tile code does.
     ``m``: the flat tile-major momentum buffer, entry ``j`` of the 16 kernels at
     ``m[mrow + j * stride :][:16]``; ``kidx``: the plan's kernel indices, whose codes are
     ``(kidx >= bounds[0]) + (kidx >= bounds[1]) + (kidx >= bounds[2])``; ``fac``: the 16
@@ -256,27 +259,26 @@ def step16(typingctx, x, g, m, k, mrow, stride, kidx, bounds, fac, hp, flags):
     ``_fused3x3``'s hyper-parameter array; ``flags``: ``_fused.FLAG_*`` bits (ownership, Eq. (7)
     and the checks are read). Contiguous arrays, one float dtype; no bounds are checked.
     """
-    if not _valid(x, g, m, kidx, bounds, fac, hp):
+    if not _valid(x, g, m, s, kidx, bounds, fac, hp):
         return None
-    sig = types.boolean(
-        x, g, m, types.intp, types.intp, types.intp, kidx, bounds, fac, hp, types.intp
-    )
+    i = types.intp
+    sig = types.boolean(x, g, m, s, i, i, i, i, kidx, bounds, fac, hp, i)
 
     def codegen(context, builder, signature, args):
         from . import _fused3x3 as f3
 
         h = _helpers()
-        x_ty, g_ty, m_ty = signature.args[:3]
-        kidx_ty, bounds_ty, fac_ty, hp_ty = signature.args[6:10]
-        ax, ag, am, akidx, abounds, afac, ahp = (
+        x_ty, g_ty, m_ty, s_ty = signature.args[:4]
+        kidx_ty, bounds_ty, fac_ty, hp_ty = signature.args[8:12]
+        ax, ag, am, a_s, akidx, abounds, afac, ahp = (
             context.make_array(t)(context, builder, v)
             for t, v in zip(
-                (x_ty, g_ty, m_ty, kidx_ty, bounds_ty, fac_ty, hp_ty),
-                (args[0], args[1], args[2], *args[6:10]),
+                (x_ty, g_ty, m_ty, s_ty, kidx_ty, bounds_ty, fac_ty, hp_ty),
+                (*args[0:4], *args[8:12]),
                 strict=True,
             )
         )
-        k, mrow, stride, flags = args[3], args[4], args[5], args[10]
+        k, kpr, mrow, stride, flags = args[4], args[5], args[6], args[7], args[12]
         elem = context.get_value_type(x_ty.dtype)
         vty = ir.VectorType(elem, GROUP)
 
@@ -303,26 +305,49 @@ def step16(typingctx, x, g, m, k, mrow, stride, kidx, bounds, fac, hp, flags):
         step = tuple(hyper(i) for i in (f3._LR, f3._C_OLD, f3._C_NEW, f3._A_R, f3._A_B))
         adaptive, check = (_flag(builder, flags, b) for b in (FLAG_ADAPTIVE, FLAG_CHECK))
 
+        def when(bit, values, alternative):
+            """``values()`` (a list of vectors) where ``flags`` has ``bit``, else
+            ``alternative``: a branch on the flag, not a select per lane."""
+            on = builder.icmp_unsigned(
+                "!=", builder.and_(flags, ir.Constant(_I64, bit)), ir.Constant(_I64, 0)
+            )
+            before = builder.basic_block
+            with builder.if_then(on):
+                done = [v.v for v in values()]
+                block = builder.basic_block
+            out = []
+            for v, other in zip(done, alternative, strict=True):
+                merged = builder.phi(v.type)
+                merged.add_incoming(v, block)
+                merged.add_incoming(other.v, before)
+                out.append(vec(merged))
+            return out
+
+        # scales: unit coordinates, as the tile code (Euclidean kernels are not scaled)
+        def unit_coordinates():
+            sv = vec(vload(a_s.data, builder.srem(k, kpr), vty))
+            s_eff = _vwhere(tp == 3, one, sv)  # 3: ``_fused.EUCLIDEAN``
+            inv = h["_recip"](one, s_eff)
+            return [s_eff] + [v * inv for v in xv] + [v * s_eff for v in gv]
+
+        s_eff, *xg = when(FLAG_SCALED, unit_coordinates, [one, *xv, *gv])
+        xv, gv = xg[:9], xg[9:]
+
         # the same helpers, in the same order, as the lane loops of ``_fused3x3.pass2``, but
         # the retraction from the Gram matrix (``_retract_gram``: half the latency)
         r = h["_rgrad"](tp, zero, half, hyper(f3._WD), tuple(xv), tuple(gv))
         # the kernels' own Eq. (7) factors only where they are used (a square root and a
         # division on every lane otherwise)
-        own_bit = builder.icmp_unsigned(
-            "!=", builder.and_(flags, ir.Constant(_I64, FLAG_OWN)), ir.Constant(_I64, 0)
+        (factor,) = when(
+            FLAG_OWN,
+            lambda: [h["_own_factor"](h["_sqnorm"](r), adaptive, check, one, two)],
+            [fac_in],
         )
-        before = builder.basic_block
-        with builder.if_then(own_bit):
-            own_f = h["_own_factor"](h["_sqnorm"](r), adaptive, check, one, two).v
-            own_block = builder.basic_block
-        merged = builder.phi(vty)
-        merged.add_incoming(own_f, own_block)
-        merged.add_incoming(fac_in.v, before)
-        factor = vec(merged)
         r = h["_scale9"](factor, r)
         y, b = h["_move"](tuple(xv), r, tuple(mv), step)
         xn, bad = h["_retract_gram"](tp, zero, one, 0.25, hyper(f3._TINY2), hyper(f3._EPS16SQ), y)
         bn = h["_transport"](tp, zero, half, xn, b)
+        xn = when(FLAG_SCALED, lambda: [v * s_eff for v in xn], list(xn))
 
         general = builder.or_(bad.v, (factor < 0.0).v)  # degenerate or skipped lanes
         plain = builder.icmp_unsigned("==", builder.bitcast(general, _I16), ir.Constant(_I16, 0))

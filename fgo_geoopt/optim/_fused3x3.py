@@ -15,9 +15,13 @@ The lane helpers below write this once, for one kernel; they branch only through
 ``_and`` and ``_not``. The update (``pass2``) runs them two ways: 16 kernels at a time in vector
 registers (``_fused16`` evaluates the same helpers on vectors of 16 lanes), and through tiles of
 ``TILE`` kernels transposed into entry-major buffers (``_tile_part``, loops over the kernels of
-the tile that the compiler vectorises) for what the registers do not: scaled kernels, steps
-without momentum, leftover kernels, and groups with a degenerate retraction (a zero column,
-redone with the general code of ``_fused``) or a skipped kernel.
+the tile that the compiler vectorises) for what the registers do not: steps without momentum,
+leftover kernels, groups of scaled kernels that straddle two rows, and groups with a degenerate
+retraction (a zero column, redone with the general code of ``_fused``) or a skipped kernel.
+
+Scales (the re-scaling reparameterization) are per input channel, so one number per 3x3
+kernel: the functions here take them as ``s``, the scale of each kernel of a weight row
+(``kernels_per_row`` entries, the parameter's dtype; kernel ``k`` has ``s[k % kpr]``).
 
 Eq. (7) couples the kernels of a POM, so a layer whose POMs hold several kernels takes more
 passes: gradient bounds per POM (``bounds``), a decision (``decide``), exact squared norms where
@@ -364,10 +368,10 @@ def _load_tile(x, g, s, kpr, scaled, kidx, tcode, t0, nt, sign, X, G, typ):
     if scaled:
         for i in range(nt):
             if typ[i] != EUCLIDEAN:
-                off = ((t0 + i) % kpr) * 9
+                sc = s[(t0 + i) % kpr]
                 for j in range(9):
-                    X[j, i] = X[j, i] / s[off + j]
-                    G[j, i] = G[j, i] * s[off + j]
+                    X[j, i] = X[j, i] / sc
+                    G[j, i] = G[j, i] * sc
 
 
 @njit(**_jit)
@@ -431,10 +435,10 @@ def pass1(x, g, s, kpr, scaled, kidx, tcode, need, k0, k1, hp, r2):
             for i in range(nt):
                 typ[i] = tcode[kidx[lanes[i]]]
                 if scaled and typ[i] != EUCLIDEAN:
-                    off = (lanes[i] % kpr) * 9
+                    sc = s[lanes[i] % kpr]
                     for j in range(9):
-                        X[j, i] = X[j, i] / s[off + j]
-                        G[j, i] = G[j, i] * s[off + j]
+                        X[j, i] = X[j, i] / sc
+                        G[j, i] = G[j, i] * sc
         for i in range(nt):
             r = _rgrad(typ[i], zero, half, wd, _lane(X, i), _lane(G, i))
             sq[i] = _sqnorm(r)
@@ -450,9 +454,9 @@ def _bound(x, g, s, kpr, scaled, eu, wd, k, zero):
         v = g[k, j]
         if eu:
             v = v + wd * x[k, j]
-        elif scaled:
-            v = v * s[(k % kpr) * 9 + j]
         t += v * v
+    if scaled and not eu:
+        t = t * (s[k % kpr] * s[k % kpr])
     return t
 
 
@@ -460,8 +464,9 @@ def _bound(x, g, s, kpr, scaled, eu, wd, k, zero):
 def bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, r2):
     """Upper bounds of the squared Riemannian gradient norms of the kernels in ``[k0, k1)``,
     summed per POM into ``r2``, as ``_fused_columns.bounds``: ``|g|^2`` of 16 kernels at a
-    time from entry-major lanes (``_lanes``), which reads nothing but ``g``; scaled kernels and
-    Euclidean ones under weight decay are redone one by one."""
+    time from entry-major lanes (``_lanes``), which reads nothing but ``g``; the sums of scaled
+    kernels are multiplied by their scale squared, Euclidean kernels under weight decay are
+    redone one by one."""
     G = np.empty((9, GROUP), g.dtype)
     sq = np.empty(GROUP, g.dtype)
     zero = hp[_ZERO]
@@ -480,8 +485,11 @@ def bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, r2):
             p = kidx[k + i]
             if general:
                 eu = tcode[p] == EUCLIDEAN
-                if (eu and wd != 0) or (scaled and not eu):
+                if eu and wd != 0:
                     sq[i] = _bound(x, g, s, kpr, scaled, eu, wd, k + i, zero)
+                elif scaled and not eu:
+                    sc = s[(k + i) % kpr]
+                    sq[i] = sq[i] * (sc * sc)
             r2[p] += sq[i]
     for k in range(full, k1):
         p = kidx[k]
@@ -659,9 +667,9 @@ def _tile_part(x, g, mf, s, kpr, kidx, tcode, pfac, t0, nt, c0, cnt, hp, flags, 
     if scaled:
         for i in range(cnt):
             if typ[i] != EUCLIDEAN:
-                off = ((k0 + i) % kpr) * 9
+                sc = s[(k0 + i) % kpr]
                 for j in range(9):
-                    XO[j, i] = XO[j, i] * s[off + j]
+                    XO[j, i] = XO[j, i] * sc
     skipped = 0
     for i in range(cnt):
         if fac[i] < 0:  # skipped: the weights and the buffer stay bit for bit
@@ -696,8 +704,8 @@ def pass2(x, g, m, s, kpr, kidx, tcode, pfac, k0, k1, hp, flags):
     # kernel codes from the kernel indices: ``tcode`` is sorted (``_fused._plan``)
     bounds = np.searchsorted(tcode, np.arange(1, 4)).astype(np.int64)
     own, unit = flags & FLAG_OWN != 0, flags & FLAG_UNIT != 0
-    use_mom = flags & FLAG_USE_MOM != 0
-    fast = use_mom and flags & FLAG_SCALED == 0
+    use_mom, scaled = flags & FLAG_USE_MOM != 0, flags & FLAG_SCALED != 0
+    fast = use_mom
     mf = m.reshape(-1)
     # per tile, the parts left to the tile code: groups handed back, then the rest
     part_at, part_len = np.empty(TILE // GROUP + 1, np.int64), np.empty(TILE // GROUP + 1, np.int64)
@@ -712,7 +720,12 @@ def pass2(x, g, m, s, kpr, kidx, tcode, pfac, k0, k1, hp, flags):
                 if not (own or unit):
                     for i in range(GROUP):
                         fac16[i] = pfac[kidx[k + i]]
-                if not step16(x, g, mf, k, t0 * 9 + c0, nt, kidx, bounds, fac16, hp, flags):
+                # scales: the group's 16 must be in one row (their scales side by side)
+                straddles = scaled and k % kpr + GROUP > kpr
+                mrow = t0 * 9 + c0
+                if straddles or not step16(
+                    x, g, mf, s, k, kpr, mrow, nt, kidx, bounds, fac16, hp, flags
+                ):
                     part_at[parts], part_len[parts] = c0, GROUP
                     parts += 1
         if done < nt:

@@ -92,23 +92,27 @@ def _share(d, tid, nth):
 
 
 @njit(**_jit)
-def _body(d, is3x3, x, g, m, s, kidx, tcode, pfac, need, hp, tid, nth):
+def _body(d, is3x3, x, g, m, s, s32, kidx, tcode, pfac, need, hp, tid, nth):
+    """Thread ``tid``'s share of one phase of one layer. Scales: per kernel in float32
+    (``s32``) on the 3x3 path, per entry in float64 (``s``) on the columns path."""
     flags = d[_FLAGS]
     scaled = flags & FLAG_SCALED != 0
     k0, k1 = _share(d, tid, nth)
     kpr, kind = d[_KPR], d[_KIND]
     if kind == UPDATE:
-        args = (x, g, m, s, kpr, kidx, tcode, pfac, k0, k1, hp, flags)
-        skipped = _fused3x3.pass2(*args) if is3x3 else _fused_columns.pass2(*args)
+        if is3x3:
+            skipped = _fused3x3.pass2(x, g, m, s32, kpr, kidx, tcode, pfac, k0, k1, hp, flags)
+        else:
+            skipped = _fused_columns.pass2(x, g, m, s, kpr, kidx, tcode, pfac, k0, k1, hp, flags)
         carray(_ptr(d[_OUT]), (d[_ROWS],), np.int64)[tid] = skipped
         return
     r2 = carray(_ptr(d[_R2]), (d[_ROWS], d[_P]), np.float64)[tid]
     if kind == BOUNDS and is3x3:
-        _fused3x3.bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, r2)
+        _fused3x3.bounds(x, g, s32, kpr, scaled, kidx, tcode, k0, k1, hp, r2)
     elif kind == BOUNDS:
         _fused_columns.bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, r2)
     elif is3x3:
-        _fused3x3.pass1(x, g, s, kpr, scaled, kidx, tcode, need, k0, k1, hp, r2)
+        _fused3x3.pass1(x, g, s32, kpr, scaled, kidx, tcode, need, k0, k1, hp, r2)
     else:
         _fused_columns.pass1(x, g, s, kpr, scaled, kidx, tcode, need, k0, k1, hp, r2)
 
@@ -121,6 +125,7 @@ def _arrays_f32(d):
         carray(_ptr(d[_G]), (k, n), np.float32),
         carray(_ptr(d[_M]), (k, n), np.float32),
         carray(_ptr(d[_S]), (d[_LEN_S],), np.float64),
+        carray(_ptr(d[_S]), (d[_LEN_S],), np.float32),  # the same address: the 3x3 path's
         carray(_ptr(d[_TCODE]), (d[_LEN_TCODE],), np.int8),
         carray(_ptr(d[_PFAC]), (d[_LEN_PFAC],), np.float32),
         carray(_ptr(d[_NEED]), (d[_LEN_NEED],), np.uint8),
@@ -133,9 +138,9 @@ def _layers(table, is3x3, kidx_type, tid, nth):
     """Thread ``tid`` of ``nth``: its share of every layer described in ``table``."""
     for i in range(table[0]):
         d = table[1 + i * DESC_LEN : 1 + (i + 1) * DESC_LEN]
-        x, g, m, s, tcode, pfac, need, hp = _arrays_f32(d)
+        x, g, m, s, s32, tcode, pfac, need, hp = _arrays_f32(d)
         kidx = carray(_ptr(d[_KIDX]), (d[_K],), kidx_type)
-        _body(d, is3x3, x, g, m, s, kidx, tcode, pfac, need, hp, tid, nth)
+        _body(d, is3x3, x, g, m, s, s32, kidx, tcode, pfac, need, hp, tid, nth)
 
 
 def _find_libgomp():
