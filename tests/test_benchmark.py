@@ -122,19 +122,21 @@ sys.modules["bench"] = bench
 spec.loader.exec_module(bench)
 print(bench.set_malloc(sys.argv[2]))
 counts = []
-for _ in range(3):  # 64 MiB allocated, written and freed, three times
+for _ in range(6):  # 64 MiB allocated, written and freed, six times
     f0 = bench._faults()
     t = torch.ones(16 << 20)
     del t
     counts.append(bench._faults() - f0)
-print(counts[-1])
+print(" ".join(map(str, counts)))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator settings")
 def test_malloc_keep_stops_freed_memory_from_faulting_back_in(bench):
     """``--malloc keep``: memory freed stays with the process, so allocating it again costs no
-    page faults; glibc's defaults hand a 64 MiB block back and fault it in every time."""
+    page faults once the heap has grown to hold it (a block may land on fresh pages once or
+    twice while small objects settle around it); glibc's defaults hand a 64 MiB block back and
+    fault it in every time."""
     import platform
     import subprocess
 
@@ -148,10 +150,13 @@ def test_malloc_keep_stops_freed_memory_from_faulting_back_in(bench):
             text=True,
             check=True,
         ).stdout.split("\n")
-        said[mode], faults[mode] = out[0], int(out[1])
+        said[mode], faults[mode] = out[0], [int(n) for n in out[1].split()]
     assert said["keep"] == "glibc, trim and mmap thresholds 1 GiB"
-    assert faults["default"] > 500  # 64 MiB in 4 KiB pages is 16,384 (fewer with huge pages)
-    assert faults["keep"] < faults["default"] / 10
+    # 64 MiB in 4 KiB pages is 16,384 faults (fewer with huge pages)
+    assert min(faults["default"]) > 500
+    later = faults["keep"][1:]
+    assert min(later) < min(faults["default"]) / 10
+    assert sum(later) <= sum(faults["default"][1:]) / 2
     with pytest.raises(ValueError, match="keep"):
         bench.set_malloc("never")
 

@@ -469,7 +469,7 @@ def bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, r2):
     redone one by one."""
     G = np.empty((9, GROUP), g.dtype)
     sq = np.empty(GROUP, g.dtype)
-    zero = hp[_ZERO]
+    zero, one = hp[_ZERO], hp[_ONE]
     wd = hp[_SIGN] * hp[_WD]  # (sign g + wd x)^2 == (g + sign wd x)^2
     general = scaled or wd != 0
     full = k0 + (k1 - k0) // GROUP * GROUP
@@ -481,16 +481,20 @@ def bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, r2):
                 + (G[3, i] * G[3, i] + G[4, i] * G[4, i] + G[5, i] * G[5, i])
                 + (G[6, i] * G[6, i] + G[7, i] * G[7, i] + G[8, i] * G[8, i])
             )
+        c = k % kpr  # kernel k + i sits at c + i of its row (wrapped): no division per kernel
         for i in range(GROUP):
             p = kidx[k + i]
             if general:
                 eu = tcode[p] == EUCLIDEAN
-                if eu and wd != 0:
+                if wd != 0 and eu:
                     sq[i] = _bound(x, g, s, kpr, scaled, eu, wd, k + i, zero)
-                elif scaled and not eu:
-                    sc = s[(k + i) % kpr]
-                    sq[i] = sq[i] * (sc * sc)
+                elif scaled:  # a select, not a branch on the kernel's type
+                    sc = s[c]
+                    sq[i] = sq[i] * (one if eu else sc * sc)
             r2[p] += sq[i]
+            c += 1
+            if c == kpr:
+                c = 0
     for k in range(full, k1):
         p = kidx[k]
         r2[p] += _bound(x, g, s, kpr, scaled, tcode[p] == EUCLIDEAN, wd, k, zero)
