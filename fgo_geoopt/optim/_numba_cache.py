@@ -11,7 +11,9 @@ callee whose file changed while its own did not: after an upgrade of the package
 ``install()`` puts a locator in front of numba's list that claims the functions defined in
 ``FILES`` and stamps them with one hash over all of those files, so a change in any of them
 makes numba recompile all of them. Everything else (where the cache lives, file names, other
-packages' functions) is left to numba's own locators, which ours wraps.
+packages' functions) is left to numba's own locators, which ours wraps. Where the environment
+names the locators (``NUMBA_CACHE_LOCATOR_CLASSES``), numba uses those and this stamp is not
+applied: clear ``__pycache__`` after changing any of the fused modules.
 """
 
 from __future__ import annotations
