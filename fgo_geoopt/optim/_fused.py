@@ -729,8 +729,8 @@ def _parallel(tasks: list) -> list:
 
 
 _DUMMY_I32 = np.zeros(1, np.int32)
-_DUMMY_F64 = np.ones(1, np.float64)
-_ONES = {np.dtype(t): np.ones(1, t) for t in ("f4", "f8")}
+_ONES = {np.dtype(t): np.ones(1, t) for t in ("f4", "f8")}  # "no scales" placeholders
+_DUMMY_F64 = _ONES[np.dtype("f8")]
 
 
 def _kernel_scales(coll, dtype) -> np.ndarray:

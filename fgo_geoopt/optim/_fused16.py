@@ -32,7 +32,7 @@ from numba.core import cgutils
 from numba.core.registry import CPUDispatcher
 from numba.extending import intrinsic
 
-from ._fused import FLAG_ADAPTIVE, FLAG_CHECK, FLAG_OWN, FLAG_SCALED
+from ._fused import EUCLIDEAN, FLAG_ADAPTIVE, FLAG_CHECK, FLAG_OWN, FLAG_SCALED
 from ._lanes import GROUP, load_kernels, store_kernels
 
 __all__ = ["step16"]
@@ -108,10 +108,10 @@ class _Vec:
         raise TypeError("a lane value was used as a Python condition: use _where/_and/_not")
 
 
-def _call(builder, name, value):
+def _call(builder, name, value, fastmath=()):
     fnty = ir.FunctionType(value.type, [value.type])
     fn = cgutils.get_or_insert_function(builder.module, fnty, name)
-    return builder.call(fn, [value])
+    return builder.call(fn, [value], fastmath=fastmath)
 
 
 def _intrinsic_name(base, vty):
@@ -143,11 +143,8 @@ def _fast32(v):
 
 
 def _vsqrt(v):
-    if not _fast32(v):
-        return _VecNumpy.sqrt(v)
-    fnty = ir.FunctionType(v.v.type, [v.v.type])
-    fn = cgutils.get_or_insert_function(v.b.module, fnty, _intrinsic_name("sqrt", v.v.type))
-    return _Vec(v.b, v.b.call(fn, [v.v], fastmath=_FAST))
+    fast = _FAST if _fast32(v) else ()
+    return _Vec(v.b, _call(v.b, _intrinsic_name("sqrt", v.v.type), v.v, fast))
 
 
 def _vrecip(one, v):
@@ -206,11 +203,16 @@ def _splat(builder, value, vty):
     return builder.shuffle_vector(one, undef, zeros)
 
 
-def _flag(builder, flags, bit):
-    on = builder.icmp_unsigned(
+def _bit(builder, flags, bit):
+    """Whether ``flags`` has ``bit`` (a scalar ``i1``)."""
+    return builder.icmp_unsigned(
         "!=", builder.and_(flags, ir.Constant(_I64, bit)), ir.Constant(_I64, 0)
     )
-    return _Vec(builder, _splat(builder, on, ir.VectorType(_I1, GROUP)))
+
+
+def _flag(builder, flags, bit):
+    """``_bit`` on all 16 lanes."""
+    return _Vec(builder, _splat(builder, _bit(builder, flags, bit), ir.VectorType(_I1, GROUP)))
 
 
 def _valid(x, g, m, s, kidx, bounds, fac, hp):
@@ -310,11 +312,8 @@ def step16(typingctx, x, g, m, s, k, kpr, mrow, stride, kidx, bounds, fac, hp, f
         def when(bit, values, alternative):
             """``values()`` (a list of vectors) where ``flags`` has ``bit``, else
             ``alternative``: a branch on the flag, not a select per lane."""
-            on = builder.icmp_unsigned(
-                "!=", builder.and_(flags, ir.Constant(_I64, bit)), ir.Constant(_I64, 0)
-            )
             before = builder.basic_block
-            with builder.if_then(on):
+            with builder.if_then(_bit(builder, flags, bit)):
                 done = [v.v for v in values()]
                 block = builder.basic_block
             out = []
@@ -328,7 +327,7 @@ def step16(typingctx, x, g, m, s, k, kpr, mrow, stride, kidx, bounds, fac, hp, f
         # scales: unit coordinates, as the tile code (Euclidean kernels are not scaled)
         def unit_coordinates():
             sv = vec(vload(a_s.data, builder.srem(k, kpr), vty))
-            s_eff = _vwhere(tp == 3, one, sv)  # 3: ``_fused.EUCLIDEAN``
+            s_eff = _vwhere(tp == EUCLIDEAN, one, sv)
             inv = h["_recip"](one, s_eff)
             return [s_eff] + [v * inv for v in xv] + [v * s_eff for v in gv]
 
