@@ -59,10 +59,10 @@ def layer_update(repeats: int) -> dict[str, float]:
     return out
 
 
-def training_parts(steps: int) -> dict[str, float]:
+def training_parts(steps: int, rescale: bool = False) -> dict[str, float]:
     torch.manual_seed(0)
     model = timm.create_model("resnet50")
-    fgo_geoopt.wrap(model, "pio4", seed=0)
+    fgo_geoopt.wrap(model, "pio4", seed=0, rescale=rescale)
     opt = FGSGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(32, 3, 64, 64), torch.randint(0, 1000, (32,))
     team = _fused._team_module()
@@ -107,14 +107,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument(
+        "--rescale", action="store_true", help="wrap with re-scaling (scaled kernels)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print("team available:", _fused._team_module() is not None)
     print("512x512x3x3 update right after a torch op, ms:")
     for name, ms in layer_update(args.repeats).items():
         print(f"  {name:18s} {ms:7.2f}")
-    print(f"FG-SGD pio4 step in a resnet50 training loop, ms per step ({args.steps} steps):")
-    for name, ms in sorted(training_parts(args.steps).items()):
+    scales = ", re-scaled" if args.rescale else ""
+    print(
+        f"FG-SGD pio4 step in a resnet50 training loop{scales}, ms per step ({args.steps} steps):"
+    )
+    for name, ms in sorted(training_parts(args.steps, args.rescale).items()):
         print(f"  {name:28s} {ms:7.2f}")
 
 
