@@ -191,6 +191,9 @@ class KernelCollection(geoopt.Manifold):
         self.in_channels = c_in
         self._set_grouping(grouping.kernel_pom, grouping.pom_type)
         self.scale: torch.Tensor | None = None
+        # Entry rms of the weight before it was first projected (set by ``wrap``): what
+        # ``rescaling.matched_gamma`` restores the stored weights to.
+        self.init_rms: float | None = None
         self._cache: dict[Any, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:

@@ -27,11 +27,13 @@ from torch import nn
 from .collections import KernelCollection
 
 __all__ = [
+    "GAMMAS",
     "GammaFn",
     "Rescaler",
     "entry_scale",
     "fan_gamma",
     "glorot_gamma",
+    "matched_gamma",
     "unit_weight",
     "wrapped_layers",
 ]
@@ -83,6 +85,36 @@ def glorot_gamma(module: nn.Module, collection: KernelCollection) -> float:
     if rms == 0.0:
         return math.sqrt(2.0 / (fan_in + fan_out))
     return math.sqrt(2.0 / (fan_in + fan_out)) / rms
+
+
+def matched_gamma(module: nn.Module, collection: KernelCollection) -> float:
+    r"""``gamma`` that gives the stored constrained kernels the scale of the model's own init.
+
+    ``gamma = rms(W_init) / rms(w)``: ``rms(W_init)`` is the root mean square entry of the
+    layer's weight before :func:`fgo_geoopt.wrap` projected it (recorded by ``wrap``; for a
+    collection built otherwise, the Kaiming ``sqrt(2 / fan_out)`` of timm's ResNets), and
+    ``rms(w)`` that of the constrained kernels in unit coordinates. With ``lambda = 1`` the
+    stored weight ``R * w`` then has the entry scale that initialisation gave the plain model,
+    and so do the Euclidean kernels of a mix, which are never scaled: both kinds of kernel
+    contribute to a filter on the same footing. Combined with ``FGSGD(metric="stored")`` a
+    step then turns every filter by about the angle SGD turns it at the same ``lr``
+    (``docs/optimizer.md``, "The learning-rate geometry").
+    """
+    weight = module.weight.detach()
+    _, fan_out = _fans(weight)
+    target = getattr(collection, "init_rms", None)
+    if target is None:
+        target = math.sqrt(2.0 / fan_out)
+    unit = unit_weight(weight, collection).to(torch.float64)
+    mask = _constrained_entries(collection, unit.device)
+    if not bool(mask.any()):
+        return float(target)
+    rms = float(unit.reshape(mask.shape)[mask].pow(2).mean().sqrt())
+    return float(target) / rms if rms > 0.0 else float(target)
+
+
+#: The built-in choices of ``gamma``, by the name :class:`Rescaler` and the recipes accept.
+GAMMAS: dict[str, GammaFn] = {"fan": fan_gamma, "glorot": glorot_gamma, "matched": matched_gamma}
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -263,8 +295,10 @@ class Rescaler:
 
     Args:
         model: The model (or a ``DistributedDataParallel`` wrapper of it).
-        gamma_fn: ``gamma_fn(module, collection) -> float``; default :func:`fan_gamma`
-            (``sqrt(1 / (fan_in + fan_out))``), see also :func:`glorot_gamma`.
+        gamma_fn: ``gamma_fn(module, collection) -> float``, or the name of a built-in one in
+            :data:`GAMMAS` (``"fan"``, ``"glorot"``, ``"matched"``); default :func:`fan_gamma`
+            (``sqrt(1 / (fan_in + fan_out))``). :func:`matched_gamma` goes with
+            ``FGSGD(metric="stored")``.
         floor: A channel's standard deviation is floored at ``floor`` times the layer's mean
             channel standard deviation, so that dead or constant channels (ReLU outputs that
             never fire, zero padding channels) do not get huge scales.
@@ -282,7 +316,7 @@ class Rescaler:
     def __init__(
         self,
         model: nn.Module,
-        gamma_fn: GammaFn | None = None,
+        gamma_fn: GammaFn | str | None = None,
         *,
         floor: float = 0.1,
         record_eval: bool = False,
@@ -292,6 +326,12 @@ class Rescaler:
         if not (isinstance(floor, (int, float)) and 0.0 <= floor < math.inf):
             raise ValueError(f"floor must be a finite number >= 0, got {floor!r}")
         self.model = model
+        if isinstance(gamma_fn, str):
+            if gamma_fn not in GAMMAS:
+                raise ValueError(
+                    f"unknown gamma {gamma_fn!r}; valid: {', '.join(sorted(GAMMAS))} or a callable"
+                )
+            gamma_fn = GAMMAS[gamma_fn]
         self.gamma_fn: GammaFn = fan_gamma if gamma_fn is None else gamma_fn
         self.floor = float(floor)
         self.process_group = process_group
@@ -314,6 +354,7 @@ class Rescaler:
                 "the model has no nn.Conv2d / nn.Linear whose weight is a ManifoldParameter on "
                 "a KernelCollection; wrap it first (fgo_geoopt.wrap)"
             )
+        self._agree_on_gammas()
         with torch.no_grad():
             for layer in self.layers.values():
                 if layer.collection.scale is None:
@@ -391,6 +432,25 @@ class Rescaler:
         """Forget the running sums gathered since the last update."""
         for layer in self.layers.values():
             layer.stats.reset()
+
+    def _agree_on_gammas(self) -> None:
+        """Under torch.distributed, every rank takes the mean of the ranks' ``gamma``: a
+        ``gamma_fn`` that reads the weights (``matched_gamma``) would otherwise give each rank
+        its own scales for the same broadcast weights."""
+        dist = torch.distributed
+        if not (self.layers and dist.is_available() and dist.is_initialized()):
+            return
+        first = next(iter(self.layers.values()))
+        device = first.module.weight.device
+        if dist.get_backend(self.process_group) == "nccl" and device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        gammas = torch.tensor(
+            [layer.gamma for layer in self.layers.values()], dtype=torch.float64, device=device
+        )
+        dist.all_reduce(gammas, group=self.process_group)
+        gammas /= dist.get_world_size(self.process_group)
+        for layer, gamma in zip(self.layers.values(), gammas.tolist(), strict=True):
+            layer.gamma = gamma
 
     def _all_reduce(self) -> None:
         dist = torch.distributed

@@ -15,9 +15,11 @@ model has one (timm models do), and the optimizer registration is delegated to
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from ._tagging import (
@@ -239,6 +241,8 @@ def wrap(
             and current.seed == seed_l
         ):
             current = build_collection(p.shape, strategy_key, names, seed=seed_l, kernel=kernel)
+        if getattr(current, "init_rms", None) is None and collection_of(p) is None:
+            current.init_rms = _entry_rms(p)
         restore_or_tag(module, attr, current)
         _share(owners, current)
     model.__dict__[_CONFIG_ATTR] = {
@@ -254,6 +258,14 @@ def wrap(
     if rescale:
         _attach_rescaler(model)
     return model
+
+
+def _entry_rms(p) -> float | None:
+    """Root mean square entry of a weight as the model initialised it (``None`` on meta)."""
+    if p.device.type == "meta" or p.numel() == 0:
+        return None
+    rms = float(p.detach().to(torch.float64).pow(2).mean().sqrt())
+    return rms if math.isfinite(rms) and rms > 0 else None
 
 
 def _attach_rescaler(model: nn.Module) -> None:

@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="timm scheduler: step, multistep, cosine, ... (default: step)",
     )
     group.add_argument(
-        "--lr", type=float, default=0.1, metavar="LR", help="base learning rate (default: 0.1)"
+        "--lr", type=float, default=0.2, metavar="LR", help="base learning rate (default: 0.2)"
     )
     group.add_argument(
         "--epochs", type=int, default=8, metavar="N", help="epochs to train (default: 8)"
@@ -326,7 +326,32 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="re-scale the unit kernels of FG rows each epoch by R = gamma / lambda, the "
-        "paper's two-stage renormalisation (default: on; --no-rescale turns it off)",
+        "paper's two-stage renormalisation (default: on; --no-rescale turns it off: with "
+        "--fg-lr-rule matched the scales then stay at R = gamma)",
+    )
+    group.add_argument(
+        "--fg-lr-rule",
+        default="matched",
+        choices=("matched", "paper"),
+        help="step geometry of FG rows: 'matched' (stored weights at the scale of the "
+        "model's own initialisation, gamma = rms(W_init) / rms(w), and the step in the metric "
+        "of the stored weights, so that a filter turns by about SGD's angle at the same lr) "
+        "or 'paper' (gamma = sqrt(1 / (fan_in + fan_out)), the step in unit coordinates); "
+        "see docs/optimizer.md (default: matched)",
+    )
+    group.add_argument(
+        "--adaptive-step",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="FG-SGD's per-POM step size, Eq. (7) (default: on)",
+    )
+    group.add_argument(
+        "--diagnostics-every",
+        type=int,
+        default=10,
+        metavar="N",
+        help="record step diagnostics (angles, gradient norms, Eq. (7)) every N steps into "
+        "each run's diagnostics.csv / diagnostics.png; 0 turns them off (default: 10)",
     )
     group.add_argument(
         "--seeds",

@@ -34,7 +34,9 @@ __all__ = [
     "DataError",
     "DataInfo",
     "ShardSampler",
+    "carve_validation",
     "create_datasets",
+    "dataset_labels",
     "load_mnist5k",
 ]
 
@@ -272,6 +274,42 @@ def create_datasets(
     info.train = _subset(info.train, train_subset)
     info.eval = _subset(info.eval, eval_subset)
     return info
+
+
+def dataset_labels(ds: Dataset) -> np.ndarray:
+    """The labels of a dataset without reading its images (tensor datasets, torchvision
+    datasets with ``targets``, image folders, and subsets of these).
+
+    Raises:
+        DataError: When the labels cannot be read that way.
+    """
+    if isinstance(ds, Subset):
+        return dataset_labels(ds.dataset)[np.asarray(ds.indices, dtype=np.int64)]
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[1].cpu().numpy()
+    targets = getattr(ds, "targets", None)
+    if targets is not None:
+        return np.asarray(targets)
+    raise DataError(f"cannot read the labels of a {type(ds).__name__} without its images")
+
+
+def carve_validation(info: DataInfo, fraction: float = 0.2, seed: int = SPLIT_SEED) -> DataInfo:
+    """Hold out a stratified ``fraction`` of the *training* data as the evaluation set.
+
+    The test split is not touched: hyper-parameters chosen on the returned ``eval`` set never
+    saw it. The split is seeded and independent of the run's seed.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the validation fraction must be in (0, 1), got {fraction}")
+    fit_idx, val_idx = stratified_split(dataset_labels(info.train), fraction, seed)
+    return DataInfo(
+        name=f"{info.name} (validation split of the training data)",
+        train=Subset(info.train, fit_idx.tolist()),
+        eval=Subset(info.train, val_idx.tolist()),
+        num_classes=info.num_classes,
+        in_chans=info.in_chans,
+        img_size=info.img_size,
+    )
 
 
 def _subset(ds: Dataset, n: int | None) -> Dataset:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 import fgo_geoopt
 from fgo_geoopt import bounds as fg_bounds
+from fgo_geoopt.diagnostics import StepRecorder
 
 from . import models as _models  # noqa: F401  (registers the CIFAR ResNets with timm)
 from .checkpoint import atomic_copy, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -116,8 +117,8 @@ def create_run_model(
     """The timm model of one run, wrapped for FG rows, restored from ``resume`` if given.
 
     Returns:
-        ``(model, rescaler)``; ``rescaler`` is ``None`` for the Euclidean row or without
-        ``--rescale``.
+        ``(model, rescaler)``; ``rescaler`` is ``None`` for the Euclidean row, and for the
+        ``paper`` rule without ``--rescale``.
     """
     fg = row != "euc"
     model = timm.create_model(
@@ -147,11 +148,14 @@ def create_run_model(
                 raise RuntimeError("the POM groupings differ between ranks; check --fg-seed")
     if resume is not None:
         model.load_state_dict(resume["model"])
-    if fg and args.rescale:
+    matched = getattr(args, "fg_lr_rule", "paper") == "matched"
+    if fg and (args.rescale or matched):
         from fgo_geoopt.rescaling import Rescaler
 
         # Layers restored from a checkpoint keep their scales; fresh ones start at R = gamma.
-        rescaler = Rescaler(model)
+        # The 'matched' rule sets R = gamma also without --rescale (then never updated, so no
+        # statistics hooks).
+        rescaler = Rescaler(model, "matched" if matched else "fan", attach=args.rescale)
         if resume is not None:
             rescaler.load_state_dict(resume["rescaler"])
     return model, rescaler
@@ -160,6 +164,12 @@ def create_run_model(
 def _optimizer(args: argparse.Namespace, row: str, model: nn.Module) -> torch.optim.Optimizer:
     fg = row != "euc"
     opt_name = fg_optimizer(args.opt, row)
+    extra = {}
+    if fg:
+        extra = {
+            "metric": "stored" if getattr(args, "fg_lr_rule", "paper") == "matched" else "unit",
+            "adaptive_step": getattr(args, "adaptive_step", True),
+        }
     return create_optimizer_v2(
         model,
         opt=opt_name,
@@ -171,7 +181,22 @@ def _optimizer(args: argparse.Namespace, row: str, model: nn.Module) -> torch.op
             if fg
             else None
         ),
+        **extra,
     )
+
+
+def _after_step(model, model_ema, recorder, optimizer):
+    """What runs after every optimizer step: the EMA update and the diagnostics recorder."""
+    if model_ema is None and recorder is None:
+        return None
+
+    def after(num_updates: int) -> None:
+        if model_ema is not None:
+            model_ema.update(model, step=num_updates)
+        if recorder is not None:
+            recorder.record(optimizer)
+
+    return after
 
 
 def _scheduler(args: argparse.Namespace, optimizer, updates_per_epoch: int):
@@ -230,7 +255,7 @@ def train_run(args: argparse.Namespace, spec: RunSpec, data: DataInfo, env: Dist
 
     model_ema = None
     if args.model_ema:
-        if rescaler is not None:
+        if rescaler is not None and args.rescale:
             raise ValueError(
                 "--model-ema with --rescale is not supported: the average would mix weights "
                 "stored under different scales R"
@@ -277,13 +302,16 @@ def train_run(args: argparse.Namespace, spec: RunSpec, data: DataInfo, env: Dist
         run_args = plain_args(args, fg_strategy=[row], seed=seed, seeds=[seed])
         write_text(run_dir / "args.yaml", yaml.safe_dump(run_args, sort_keys=False))
     progress = env.is_main and not args.no_progress
+    every = int(getattr(args, "diagnostics_every", 0) or 0)
+    recorder = StepRecorder(model, every=every) if env.is_main and every > 0 else None
+    after_step = _after_step(model, model_ema, recorder, optimizer)
     t0 = time.time()
     for epoch in range(start_epoch, num_epochs):
         train_sampler.set_epoch(epoch)
         # Worker seeds come from this generator: a function of (seed, epoch, rank) only.
         gen.manual_seed((seed * 1_000_003 + epoch) * 4_099 + env.rank)
         t_epoch = time.time()
-        if rescaler is not None and epoch > 0:
+        if rescaler is not None and args.rescale and epoch > 0:
             # R = gamma / lambda from the statistics of the previous epoch (FGSGD_SPEC sec. 3),
             # set before this epoch trains: batch-norm statistics then follow the new scales
             # before anything is evaluated.
@@ -303,7 +331,7 @@ def train_run(args: argparse.Namespace, spec: RunSpec, data: DataInfo, env: Dist
             channels_last=args.channels_last,
             progress=progress,
             desc=f"{label} s{seed}",
-            after_step=(None if model_ema is None else lambda n: model_ema.update(model, step=n)),
+            after_step=after_step,
         )
         if env.distributed:
             # Rank 0's batch-norm statistics everywhere; evaluation then runs on the plain
@@ -386,6 +414,8 @@ def train_run(args: argparse.Namespace, spec: RunSpec, data: DataInfo, env: Dist
             fields = SUMMARY_FIELDS + (("ema_eval_loss", "ema_eval_top1") if model_ema else ())
             write_csv(run_dir / "summary.csv", history, fields)
             write_csv(run_dir / "bounds.csv", bound_history, BOUND_FIELDS)
+            if recorder is not None:
+                recorder.to_csv(run_dir / "diagnostics.csv")
             print(
                 f"[{label} seed {seed}] epoch {epoch + 1}/{num_epochs}  "
                 f"train_loss {train_metrics['loss']:.4f}  eval_loss {eval_metrics['loss']:.4f}  "
@@ -399,6 +429,9 @@ def train_run(args: argparse.Namespace, spec: RunSpec, data: DataInfo, env: Dist
         title = f"{args.model} {label} seed {seed}"
         plot_curves(run_dir / "curves.png", history, title)
         plot_bounds(run_dir / "bounds.png", bound_history, fg_bounds.BOUNDS, title)
+        if recorder is not None and recorder.rows():
+            recorder.plot(run_dir / "diagnostics.png", title)
+            write_text(run_dir / "diagnostics.txt", recorder.describe(last=20) + "\n")
     if env.is_main and fg:
         violations = fgo_geoopt.check(model)
         if violations:
@@ -422,4 +455,5 @@ def train_run(args: argparse.Namespace, spec: RunSpec, data: DataInfo, env: Dist
         "history": history,
         "bounds": bound_history,
         "model_obj": model,
+        "diagnostics": [] if recorder is None else recorder.summary(last=20),
     }

@@ -109,6 +109,13 @@ REF_CONFIGS = {
         "scaled": True,
         "weight_decay": 0.1,
     },
+    "stored-metric-rescaled-wd": {
+        "momentum": 0.9,
+        "adaptive": True,
+        "scaled": True,
+        "weight_decay": 0.1,
+        "metric": "stored",
+    },
     "dampening-fixed-step-wd": {
         "momentum": 0.8,
         "dampening": 0.3,

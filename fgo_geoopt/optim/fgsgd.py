@@ -20,12 +20,15 @@ __all__ = ["FGSGD", "NONFINITE_POLICIES", "fgsgd"]
 
 NONFINITE_POLICIES = ("skip", "raise", "none")
 BACKENDS = ("auto", "fused", "torch")
+#: Metrics of the step on re-scaled collections (see the class docstring).
+METRICS = ("unit", "stored")
 
 _FG_DEFAULTS = {
     "maximize": False,
     "adaptive_step": True,
     "nonfinite": "skip",
     "backend": "auto",
+    "metric": "unit",
 }
 
 
@@ -59,6 +62,8 @@ def _validate(group: dict[str, Any]) -> None:
         raise ValueError(
             f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {group['nonfinite']!r}"
         )
+    if group["metric"] not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {group['metric']!r}")
     if group["backend"] not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {group['backend']!r}")
     stabilize = group.get("stabilize")
@@ -77,6 +82,7 @@ class FGSGD(RiemannianSGD):
     .. code-block:: text
 
         G     = R * dL/dW                          # gradient in unit coordinates
+        G     = dL/dW / R                 (metric="stored", constrained kernels)
         r     = proj_{T_w}(G)                      # per kernel (Sp / Ob / St / Euc)
         R_g   = || r ||  over the kernels of g
         tau_g = max(1, R_g (2 + R_g))              # Eq. (7), if adaptive_step
@@ -110,6 +116,12 @@ class FGSGD(RiemannianSGD):
             ``FloatingPointError`` before anything is updated. ``"none"``: no check (fastest).
         backend: ``"auto"`` (fused numba step on CPU where possible, batched torch otherwise),
             ``"fused"`` (require it), or ``"torch"`` (batched torch ops everywhere).
+        metric: The metric of the step on re-scaled collections (``W = R * w``). ``"unit"``
+            (default, the paper read literally): the Riemannian gradient of the unit kernels
+            ``w``, ``R * dL/dW``. ``"stored"``: that of the stored weights ``W``, which is
+            ``dL/dW / R`` in unit coordinates, so a constrained kernel moves as far, relative to
+            its size, as SGD would move it, and as the unscaled Euclidean kernels of its filter
+            do. Identical where a collection has no scales. See ``docs/optimizer.md``.
 
     Note:
         **Momentum** follows :class:`torch.optim.SGD`: the first step stores the (Riemannian,
@@ -140,6 +152,7 @@ class FGSGD(RiemannianSGD):
         adaptive_step: bool = True,
         nonfinite: str = "skip",
         backend: str = "auto",
+        metric: str = "unit",
     ):
         defaults = {
             "lr": lr,
@@ -151,6 +164,7 @@ class FGSGD(RiemannianSGD):
             "adaptive_step": adaptive_step,
             "nonfinite": nonfinite,
             "backend": backend,
+            "metric": metric,
             "stabilize": stabilize,
         }
         _validate(defaults)
@@ -223,6 +237,7 @@ class FGSGD(RiemannianSGD):
                 # "raise" groups were checked above; checking again would be a second pass
                 nonfinite="none" if group["nonfinite"] == "raise" else group["nonfinite"],
                 backend=group["backend"],
+                metric=group["metric"],
             )
             if skipped is not None:
                 self.nonfinite_count += skipped
@@ -317,6 +332,7 @@ def fgsgd(
     adaptive_step: bool,
     nonfinite: str,
     backend: str,
+    metric: str = "unit",
 ) -> int | torch.Tensor | None:
     """Functional FG-SGD step over ``params`` (all with gradients); returns skipped counts."""
     lr = float(lr)
@@ -346,6 +362,7 @@ def fgsgd(
             adaptive=adaptive_step,
             check=check,
             backend=backend,
+            metric=metric,
         )
     if jobs:  # the fused layers of the group run together: one hand-out to the threads
         skipped = skipped + _fused.run_jobs(jobs)
@@ -420,8 +437,12 @@ def _collection_step(
     adaptive,
     check,
     backend,
+    metric="unit",
 ):
     coll: KernelCollection = p.manifold
+    grad = p.grad
+    if metric == "stored" and coll.scale is not None:
+        grad = grad * _inverse_square_scale(coll, grad)
     st = state[p]
     first = "momentum_buffer" not in st
     k, n = coll.num_kernels, coll.kernel_numel
@@ -459,10 +480,10 @@ def _collection_step(
         "check": check,
     }
     if not use_fused:
-        return batched_collection_step(coll, p, p.grad, buf, **hyper)
+        return batched_collection_step(coll, p, grad, buf, **hyper)
     # Queued: ``fgsgd`` runs the fused steps of all the group's layers together.
     x = p if p.is_contiguous() else p.contiguous()
-    g = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+    g = grad if grad.is_contiguous() else grad.contiguous()
     jobs.append(
         _fused.FusedJob(
             coll,
@@ -477,6 +498,21 @@ def _collection_step(
     if x is not p:
         copies.append((p, x))
     return 0
+
+
+def _inverse_square_scale(coll: KernelCollection, like: torch.Tensor) -> torch.Tensor:
+    """``1 / R^2`` for every entry of the weight (1 on Euclidean kernels), in the layout of
+    ``like``: turns ``R * dL/dW``, the unit-coordinate gradient the steps form, into
+    ``dL/dW / R`` (``metric="stored"``). Cached with the collection's scales."""
+    from ..rescaling import entry_scale
+
+    key = ("scale", "inverse square", str(like.device), like.dtype)  # dropped by set_scale
+    out = coll._cache.get(key)
+    if out is None:
+        factor = entry_scale(coll, dtype=torch.float64, device=like.device)
+        out = factor.pow(-2).to(like.dtype)
+        coll._cache[key] = out
+    return out
 
 
 def _generic_step(p, state, lr, momentum, dampening, nesterov, maximize, adaptive, check):

@@ -58,10 +58,13 @@ def reference_step(
     nesterov: bool = False,
     weight_decay: float = 0.0,
     adaptive: bool = True,
+    metric: str = "unit",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One FG-SGD step; returns the new weight and the new momentum buffer.
 
     ``buf`` is ``None`` on the first step; buffers are ``(K, A, B)`` in unit coordinates.
+    ``metric="stored"`` takes the gradient of the stored weights, ``dL/dW / R``, in unit
+    coordinates instead of ``R * dL/dW`` (``FGSGD``'s ``metric``).
     Built-in manifold names only (``sphere``, ``oblique``, ``stiefel``, ``euclidean``).
     """
     a, b = coll.kernel_shape
@@ -83,7 +86,7 @@ def reference_step(
         for k in kernels:
             s = 1.0 if scale is None or kind == "euclidean" else scale[k % coll.kernels_per_row]
             x = w_k[k] / s
-            e = g_k[k] * s
+            e = g_k[k] / s if metric == "stored" else g_k[k] * s
             if kind == "euclidean" and weight_decay:
                 e = e + weight_decay * w_k[k]
             xt, flipped = _tall(x)
