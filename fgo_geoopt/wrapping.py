@@ -6,6 +6,8 @@ paper initialises weights on the manifolds). Parameter names and ``state_dict`` 
 change. Every module that owns a wrapped weight also remembers its collection and carries a
 ``load_state_dict`` post hook, so that loading (also with ``assign=True``) keeps the tagging and
 re-projects off-manifold weights, and :func:`check` can report a weight that lost its manifold.
+Checkpoints name their groupings (in ``state_dict._metadata``), and loading one saved on other
+groupings raises instead of re-projecting it.
 
 Nothing here imports timm: the classifier head is found from ``model.pretrained_cfg`` when the
 model has one (timm models do), and the optimizer registration is delegated to
@@ -318,8 +320,10 @@ def load_grouping_state(model: nn.Module, state: dict[str, dict[str, Any]]) -> n
     """Re-wrap ``model`` with exactly the groupings of ``state`` (from :func:`grouping_state`).
 
     Weights named in ``state`` are bound to the saved collections (projected only if they are
-    off their manifold, so a checkpoint loaded before or after stays bit-exact); wrapped
-    weights not named in ``state`` become plain parameters. Returns ``model``.
+    off their manifold, so a checkpoint loaded into the unwrapped model before, or into the
+    model after, stays bit-exact); wrapped weights not named in ``state`` become plain
+    parameters. Loading a wrapped model's checkpoint into a model wrapped on other groupings
+    raises, so call this first. Returns ``model``.
     """
     owners = _owners(model)
     by_name = {

@@ -469,6 +469,35 @@ def test_torch_sgd_state_dict_loads_into_fgsgd():
 
 
 # ----------------------------------------------------------------- gradients and non-finite
+@pytest.mark.parametrize("shape", [(4, 3, 3, 3), (3, 5)], ids=["conv3x3", "linear"])
+def test_torch_sgd_state_dict_for_manifold_parameters_is_refused(shape):
+    gen = torch.Generator().manual_seed(0)
+    plain = torch.nn.Parameter(_randn(*shape, gen=gen))
+    sgd = torch.optim.SGD([plain], lr=0.1, momentum=0.9)
+    plain.grad = _randn(*shape, gen=gen)
+    sgd.step()
+    wrapped = _manifold_param(shape, "pio4")
+    fg = FGSGD([wrapped], lr=0.1, momentum=0.9)
+    # the Linear buffer has the (K, n) shape of its filter view: only its origin tells
+    with pytest.raises(ValueError, match=r"saved by another optimizer.*create the optimizer"):
+        fg.load_state_dict(sgd.state_dict())
+    assert fg.state == {}  # nothing loaded
+
+
+def test_momentum_buffer_of_the_wrong_shape_is_refused():
+    gen = torch.Generator().manual_seed(0)
+    plain = torch.nn.Parameter(_randn(4, 3, 3, 3, gen=gen))
+    before = FGSGD([plain], lr=0.1, momentum=0.9)  # FGSGD on the unwrapped weight
+    plain.grad = _randn(4, 3, 3, 3, gen=gen)
+    before.step()
+    fg = FGSGD([_manifold_param((4, 3, 3, 3), "pio4")], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"shape \(4, 3, 3, 3\), FGSGD expects \(12, 9\)"):
+        fg.load_state_dict(before.state_dict())
+    other = FGSGD([torch.nn.Parameter(_randn(5, gen=gen))], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"FGSGD expects \(5,\)"):
+        other.load_state_dict(before.state_dict())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_step_never_writes_into_grad(backend):
     gen = torch.Generator().manual_seed(0)

@@ -191,6 +191,16 @@ class FGSGD(RiemannianSGD):
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict` (or by ``torch.optim.SGD`` for plain
+        parameters).
+
+        Raises:
+            ValueError: A momentum buffer does not fit its parameter: not ``(K, n)`` for a
+                parameter on a :class:`~fgo_geoopt.KernelCollection`, or saved by another
+                optimizer (``torch.optim.SGD`` keeps buffers in the weight's own layout),
+                or not the parameter's shape for a plain one. Nothing is loaded then.
+        """
+        _check_loaded_state(self.param_groups, state_dict)
         state_dict = dict(state_dict)
         count = state_dict.pop("nonfinite_count", 0)
         super().load_state_dict(state_dict)
@@ -259,6 +269,45 @@ class FGSGD(RiemannianSGD):
         size; it saves transposing them every step); for those this returns a converted copy.
         """
         return _plain_buffer(self.state.get(p, {}))
+
+
+def _check_loaded_state(groups: list[dict[str, Any]], state_dict: dict[str, Any]) -> None:
+    """Refuse momentum buffers that ``step()`` would misread (see ``FGSGD.load_state_dict``)."""
+    saved_groups = state_dict.get("param_groups", [])
+    if len(saved_groups) != len(groups):
+        return  # torch's own check names that mismatch
+    saved_state = state_dict.get("state", {})
+    fix = (
+        "resume from a state dict saved by FGSGD on the wrapped model (create the optimizer "
+        "after fgo_geoopt.wrap), or do not load the optimizer state and start its momentum fresh"
+    )
+    for g, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
+        # torch optimizers save their implementation switches; FGSGD has none
+        foreign = "foreach" in saved or "differentiable" in saved
+        for i, (p, pid) in enumerate(zip(group["params"], saved.get("params", []), strict=False)):
+            buf = saved_state.get(pid, {}).get("momentum_buffer")
+            if buf is None:
+                continue
+            where = f"parameter {i} of group {g} (shape {tuple(p.shape)})"
+            if not isinstance(buf, torch.Tensor):
+                raise ValueError(f"the momentum buffer of {where} is not a tensor; {fix}")
+            coll = getattr(p, "manifold", None)
+            if isinstance(coll, KernelCollection):
+                expected = (coll.num_kernels, coll.kernel_numel)
+                if foreign:
+                    raise ValueError(
+                        f"the state of {where} was saved by another optimizer (a torch one, "
+                        "such as SGD): its momentum is in the weight's layout, while FGSGD "
+                        f"keeps a {expected} buffer in unit coordinates on manifold "
+                        f"parameters; {fix}"
+                    )
+            else:
+                expected = tuple(p.shape)
+            if tuple(buf.shape) != expected:
+                raise ValueError(
+                    f"the momentum buffer of {where} has shape {tuple(buf.shape)}, FGSGD "
+                    f"expects {expected}; {fix}"
+                )
 
 
 def _set_layout(st: dict[str, Any], tiles: int | None, convert: bool = True) -> None:
