@@ -20,6 +20,7 @@ import fnmatch
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from ._tagging import (
@@ -269,21 +270,39 @@ def _attach_rescaler(model: nn.Module) -> None:
 
 
 def check(model: nn.Module, atol: float | None = None, rtol: float | None = None) -> list[str]:
-    """Every manifold violation of the wrapped weights of ``model`` (empty when all is well).
+    """Every problem of the weights of ``model`` (empty when all is well).
 
-    Reports weights whose constraint does not hold within the tolerance (default from
-    ``torch.finfo`` of the weight's dtype) and weights that lost their manifold tagging, for
-    example after ``model.to("meta")`` or a manual replacement. Fix both with
-    :func:`reproject`.
+    Reports wrapped weights whose constraint does not hold within the tolerance (default from
+    ``torch.finfo`` of the weight's dtype), wrapped weights that lost their manifold tagging,
+    for example after ``model.to("meta")`` or a manual replacement (fix both with
+    :func:`reproject`), and every parameter with NaN or inf entries, wrapped or not (Euclidean
+    kernels of a collection and plain parameters included; no projection fixes those).
     """
     out = []
+    bad = _nonfinite(model)
     for name, module, attr, coll in wrapped_entries(model):
         p = module._parameters.get(attr)
         problem = tag_problem(name, p)
         if problem is not None:
             out.append(problem)
             continue
+        if id(p) in bad:
+            continue  # reported below; NaN makes every constraint fail
         out.extend(f"{name}: {why}" for why in coll.violations(p.detach(), atol=atol, rtol=rtol))
+    out.extend(bad.values())
+    return out
+
+
+def _nonfinite(model: nn.Module) -> dict[int, str]:
+    """``{id(p): message}`` of every parameter with NaN / inf entries (a tied one once)."""
+    out: dict[int, str] = {}
+    for name, p in model.named_parameters():
+        if p.device.type == "meta" or not p.is_floating_point():
+            continue
+        finite = torch.isfinite(p.detach())
+        if not bool(finite.all()):
+            count = int((~finite).sum())
+            out[id(p)] = f"{name}: {count} non-finite (NaN / inf) entries of {p.numel()}"
     return out
 
 

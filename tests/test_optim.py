@@ -469,6 +469,28 @@ def test_torch_sgd_state_dict_loads_into_fgsgd():
 
 
 # ----------------------------------------------------------------- gradients and non-finite
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("lr", float("nan"), "Invalid lr: nan"),
+        ("momentum", 1.5, "Invalid momentum"),
+        ("nonfinite", "ignore", "nonfinite must be one of"),
+    ],
+)
+def test_group_values_changed_after_construction_are_validated_at_step(key, value, message):
+    p = _manifold_param((4, 3, 3, 3), "pio4")
+    q = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = FGSGD([p, q], lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    for t in (p, q):
+        t.grad = _randn(*t.shape, gen=gen)
+    before = [p.detach().clone(), q.detach().clone()]
+    opt.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    assert torch.equal(p, before[0]) and torch.equal(q, before[1])
+
+
 @pytest.mark.parametrize("shape", [(4, 3, 3, 3), (3, 5)], ids=["conv3x3", "linear"])
 def test_torch_sgd_state_dict_for_manifold_parameters_is_refused(shape):
     gen = torch.Generator().manual_seed(0)

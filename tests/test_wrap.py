@@ -283,6 +283,21 @@ def test_manual_replacement_and_corruption_are_reported_and_reprojected():
     assert fg.check(model) == []
 
 
+def test_check_reports_nonfinite_weights_anywhere():
+    model = fg.wrap(make(), "pio4")
+    coll = model.stem.weight.manifold
+    euclidean = coll.manifold_names.index("euclidean")
+    k = int((coll.kernel_type() == euclidean).nonzero()[0])
+    with torch.no_grad():
+        # spatial view: kernel k is W[k // c_in, k % c_in], a Euclidean kernel has no constraint
+        model.stem.weight[k // coll.in_channels, k % coll.in_channels, 0, 0] = float("nan")
+        model.bn.weight[1] = float("inf")
+    assert fg.check(model) == [
+        "stem.weight: 1 non-finite (NaN / inf) entries of 216",
+        "bn.weight: 1 non-finite (NaN / inf) entries of 8",
+    ]
+
+
 def test_deepcopy_keeps_the_tagging():
     model = fg.wrap(make())
     clone = copy.deepcopy(model)

@@ -214,8 +214,10 @@ class FGSGD(RiemannianSGD):
             with torch.enable_grad():
                 loss = closure()
         # nonfinite="raise" promises that nothing is updated: check every group before any
-        # group (or its step counter) changes.
+        # group (or its step counter) changes. Group values may have been changed since
+        # construction (schedulers, user code): a NaN lr would silently wreck the weights.
         for group in self.param_groups:
+            _validate(group)
             if group["nonfinite"] == "raise":
                 _raise_if_nonfinite([p for p in group["params"] if p.grad is not None])
         for group in self.param_groups:
