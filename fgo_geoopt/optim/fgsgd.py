@@ -337,8 +337,8 @@ def _raise_if_nonfinite(params: list[torch.Tensor]) -> None:
     bad = [i for i, ok in enumerate(flags) if not ok]
     if bad:
         raise FloatingPointError(
-            f"non-finite gradient in {len(bad)} parameter(s) (positions {bad} of the group "
-            f"with gradients); nothing was updated"
+            f"non-finite gradient (NaN / inf entries) in {len(bad)} parameter(s) (positions "
+            f"{bad} of the group with gradients); nothing was updated"
         )
 
 
@@ -412,7 +412,13 @@ def fgsgd(
 
 
 def _finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
-    """Whether each tensor is all-finite: one fused norm per (device, dtype) group, one sync."""
+    """Whether each tensor has only finite entries (no NaN, no inf).
+
+    One fused 2-norm per (device, dtype) group and one sync. A finite norm proves every entry
+    finite; a non-finite one may also be an overflow of the sum of squares (one entry of 1e20
+    in float32), so those few tensors are confirmed entry by entry: a huge but finite gradient
+    is not "non-finite".
+    """
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
@@ -421,7 +427,7 @@ def _finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
         norms = torch._foreach_norm([tensors[i] for i in members])
         ok = torch.stack(norms).isfinite().tolist()
         for i, good in zip(members, ok, strict=True):
-            flags[i] = good
+            flags[i] = good or bool(torch.isfinite(tensors[i]).all())
     return flags
 
 
