@@ -26,6 +26,7 @@ import geoopt
 import torch
 from torch import nn
 
+from . import _misuse
 from .collections import KernelCollection
 
 COLLECTIONS_ATTR = "_fgo_collections"
@@ -52,8 +53,9 @@ def tag(module: nn.Module, attr: str, coll: KernelCollection, data: torch.Tensor
     new = geoopt.ManifoldParameter(data, manifold=coll, requires_grad=old.requires_grad)
     # Keep attributes other code may have set on the parameter (sharding flags and the like).
     for key, value in old.__dict__.items():
-        if key != "manifold":
+        if key not in ("manifold", _misuse.REPLACED_ATTR, _misuse.STEPPED_ATTR):
             new.__dict__.setdefault(key, value)
+    _misuse.retire(old, f"{type(module).__name__}.{attr} of shape {tuple(old.shape)}")
     setattr(module, attr, new)
     record(module, attr, coll)
 
@@ -75,6 +77,7 @@ def untag(module: nn.Module, attr: str) -> None:
     """Make ``module.<attr>`` a plain parameter (same memory) and forget its collection."""
     old = module._parameters.get(attr)
     if old is not None and collection_of(old) is not None:
+        _misuse.retire(old, f"{type(module).__name__}.{attr} of shape {tuple(old.shape)}")
         setattr(module, attr, nn.Parameter(old.detach(), requires_grad=old.requires_grad))
     module.__dict__.get(COLLECTIONS_ATTR, {}).pop(attr, None)
 

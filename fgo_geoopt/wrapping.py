@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _misuse
 from ._tagging import (
     COLLECTIONS_ATTR,
     collection_of,
@@ -194,7 +195,9 @@ def wrap(
     model is the plain one and FG-SGD on it is exactly SGD.
 
     Also registers ``fgsgd`` / ``nfgsgd`` with timm's optimizer factory when timm is
-    installed. Optimizers must be created after ``wrap``: it replaces parameter objects.
+    installed. Optimizers must be created after ``wrap``: it replaces parameter objects. An
+    optimizer that still holds replaced ones, and a non-Riemannian optimizer (``AdamW``, ...)
+    stepping wrapped weights, warn once on their first step.
 
     Args:
         model: Any module (timm, torchvision, your own).
@@ -254,6 +257,7 @@ def wrap(
         "rescale": bool(rescale),
     }
     _register_optimizers()
+    _misuse.install()
     if rescale:
         _attach_rescaler(model)
     return model
@@ -288,7 +292,13 @@ def check(model: nn.Module, atol: float | None = None, rtol: float | None = None
             continue
         if id(p) in bad:
             continue  # reported below; NaN makes every constraint fail
-        out.extend(f"{name}: {why}" for why in coll.violations(p.detach(), atol=atol, rtol=rtol))
+        why = coll.violations(p.detach(), atol=atol, rtol=rtol)
+        if why and (by := _misuse.stepped_by(p)) is not None:
+            why.append(
+                f"it was stepped by {by}, which is not a Riemannian optimizer: "
+                "use fgo_geoopt.FGSGD and fgo_geoopt.reproject(model)"
+            )
+        out.extend(f"{name}: {w}" for w in why)
     out.extend(bad.values())
     return out
 
@@ -376,6 +386,7 @@ def load_grouping_state(model: nn.Module, state: dict[str, dict[str, Any]]) -> n
         restore(module, attr, coll, force=False)
         _share(entries, coll)
     _register_optimizers()
+    _misuse.install()
     return model
 
 
