@@ -228,6 +228,15 @@ def wrap(
     selected = _select(model, include_p, exclude_p)
     if (strategy_key, names) == ("single", ("euclidean",)):
         selected = {}
+    on_meta = [
+        n for n, owners in selected.items() if owners[0][0]._parameters[owners[0][1]].is_meta
+    ]
+    if on_meta:
+        more = f" (and {len(on_meta) - 1} more)" if len(on_meta) > 1 else ""
+        raise ValueError(
+            f"wrap needs weights with data, but {on_meta[0]}{more} is on the meta device: materialise the model first (model.to_empty(device=...), then "
+            "initialise or load its weights) and call wrap afterwards"
+        )
     targets = {(id(m), a) for owners in selected.values() for m, a in owners}
     for _, module, attr, _ in list(wrapped_entries(model)):
         if (id(module), attr) not in targets:

@@ -140,6 +140,16 @@ def test_invalid_arguments(kwargs, error, match):
         fg.wrap(make(), **kwargs)
 
 
+def test_wrap_rejects_meta_models_with_the_fix():
+    with torch.device("meta"):
+        model = Net()
+    with pytest.raises(ValueError, match=r"stem\.weight .* meta device.*to_empty"):
+        fg.wrap(model)
+    model.to_empty(device="cpu")
+    model.load_state_dict(make().state_dict())
+    assert wrapped_names(fg.wrap(model)) == WRAPPED
+
+
 def test_wrap_rejects_non_modules():
     with pytest.raises(TypeError, match=r"nn\.Module"):
         fg.wrap(torch.zeros(3))
