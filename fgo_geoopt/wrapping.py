@@ -234,8 +234,9 @@ def wrap(
     if on_meta:
         more = f" (and {len(on_meta) - 1} more)" if len(on_meta) > 1 else ""
         raise ValueError(
-            f"wrap needs weights with data, but {on_meta[0]}{more} is on the meta device: materialise the model first (model.to_empty(device=...), then "
-            "initialise or load its weights) and call wrap afterwards"
+            f"wrap needs weights with data, but {on_meta[0]}{more} is on the meta device: "
+            "materialise the model first (model.to_empty(device=...), then initialise or load "
+            "its weights) and call wrap afterwards"
         )
     targets = {(id(m), a) for owners in selected.values() for m, a in owners}
     for _, module, attr, _ in list(wrapped_entries(model)):
