@@ -8,10 +8,17 @@ parameter object by a plain one (``load_state_dict(assign=True)``, ``model.to("m
 conversions under ``torch.__future__.set_swap_module_params_on_conversion(True)``): the record
 lets the hook and :func:`fgo_geoopt.reproject` restore the tag, and :func:`fgo_geoopt.check`
 report it, instead of the weight silently turning Euclidean.
+
+Checkpoints carry their groupings' fingerprints: a ``state_dict`` hook writes one per wrapped
+weight into the state dict's ``_metadata`` (which ``torch.save`` and ``torch.load(weights_only=
+True)`` keep; the keys stay those of the plain model), and a ``load_state_dict`` pre hook
+refuses weights saved on another grouping, whose re-projection would silently move them.
 """
 
 from __future__ import annotations
 
+import warnings
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,9 +26,19 @@ import geoopt
 import torch
 from torch import nn
 
+from . import _misuse
 from .collections import KernelCollection
 
 COLLECTIONS_ATTR = "_fgo_collections"
+#: Key of the grouping fingerprints in a module's entry of ``state_dict._metadata``.
+METADATA_KEY = "fgo_groupings"
+#: The fix, named once in the errors of a load on other groupings.
+LOAD_FIX = (
+    "rebuild the saved groupings first: fgo_geoopt.load_grouping_state(model, grouping_state) "
+    "with the grouping_state(model) saved next to the weights, or wrap(model, strategy, "
+    "seed=...) with the arguments the checkpoint was trained with; to start from these "
+    "weights on new groupings, load them into the unwrapped model and wrap it afterwards"
+)
 
 
 def collection_of(p: torch.Tensor | None) -> KernelCollection | None:
@@ -36,8 +53,9 @@ def tag(module: nn.Module, attr: str, coll: KernelCollection, data: torch.Tensor
     new = geoopt.ManifoldParameter(data, manifold=coll, requires_grad=old.requires_grad)
     # Keep attributes other code may have set on the parameter (sharding flags and the like).
     for key, value in old.__dict__.items():
-        if key != "manifold":
+        if key not in ("manifold", _misuse.REPLACED_ATTR, _misuse.STEPPED_ATTR):
             new.__dict__.setdefault(key, value)
+    _misuse.retire(old, f"{type(module).__name__}.{attr} of shape {tuple(old.shape)}")
     setattr(module, attr, new)
     record(module, attr, coll)
 
@@ -49,12 +67,17 @@ def record(module: nn.Module, attr: str, coll: KernelCollection) -> None:
     hooks = module._load_state_dict_post_hooks.values()
     if not any(h is after_load for h in hooks):
         module.register_load_state_dict_post_hook(after_load)
+    if not any(h is before_load for h in module._load_state_dict_pre_hooks.values()):
+        module.register_load_state_dict_pre_hook(before_load)
+    if not any(h is save_groupings for h in module._state_dict_hooks.values()):
+        module._register_state_dict_hook(save_groupings)  # public only since torch 2.5
 
 
 def untag(module: nn.Module, attr: str) -> None:
     """Make ``module.<attr>`` a plain parameter (same memory) and forget its collection."""
     old = module._parameters.get(attr)
     if old is not None and collection_of(old) is not None:
+        _misuse.retire(old, f"{type(module).__name__}.{attr} of shape {tuple(old.shape)}")
         setattr(module, attr, nn.Parameter(old.detach(), requires_grad=old.requires_grad))
     module.__dict__.get(COLLECTIONS_ATTR, {}).pop(attr, None)
 
@@ -87,6 +110,81 @@ def after_load(module: nn.Module, incompatible_keys: Any) -> None:
     """``load_state_dict`` post hook: keep the tagging and project off-manifold weights."""
     for attr, coll in list(module.__dict__.get(COLLECTIONS_ATTR, {}).items()):
         restore(module, attr, coll, force=False)
+
+
+def fingerprint(coll: KernelCollection) -> dict[str, Any]:
+    """Plain data that tells whether two collections group a weight the same way.
+
+    ``crc`` is a checksum of the canonical grouping (POMs are relabelled at construction, so
+    equal groupings give equal arrays); the other fields make error messages readable.
+    """
+    crc = zlib.crc32(f"{coll.shape}|{coll.view}|{coll.manifold_names}".encode())
+    for t in (coll.pom_type, coll.pom_ptr, coll.pom_kernels):
+        if t is not None:
+            crc = zlib.crc32(t.numpy().tobytes(), crc)
+    return {
+        "strategy": coll.strategy,
+        "manifolds": list(coll.manifold_names),
+        "seed": int(coll.seed),
+        "crc": int(crc),
+    }
+
+
+def _describe(fp: dict[str, Any]) -> str:
+    manifolds = "+".join(fp.get("manifolds", []))
+    return f"strategy {fp.get('strategy')!r} on {manifolds}, layer seed {fp.get('seed')}"
+
+
+def save_groupings(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]
+) -> None:
+    """``state_dict`` hook: the fingerprint of every wrapped weight of ``module``."""
+    colls = module.__dict__.get(COLLECTIONS_ATTR, {})
+    if colls:
+        local_metadata[METADATA_KEY] = {attr: fingerprint(c) for attr, c in colls.items()}
+
+
+@torch.no_grad()
+def before_load(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: dict[str, Any],
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """``load_state_dict`` pre hook: refuse weights saved on another grouping.
+
+    A checkpoint of a wrapped model names its groupings (:func:`save_groupings`): a mismatch
+    is an error in torch's ``error_msgs`` (``load_state_dict`` raises ``RuntimeError``, as for
+    a size mismatch). A plain checkpoint (metadata without fingerprints) is projected silently:
+    that is how pretrained weights start FG-SGD. Without any metadata (a state dict rebuilt as a
+    plain ``dict``) the source is unknown, so off-manifold weights are projected with a warning.
+    """
+    saved = local_metadata.get(METADATA_KEY, {})
+    for attr, coll in module.__dict__.get(COLLECTIONS_ATTR, {}).items():
+        value = state_dict.get(prefix + attr)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != coll.shape:
+            continue  # missing or mis-shaped: torch reports it
+        if attr in saved:
+            here = fingerprint(coll)
+            if saved[attr].get("crc") != here["crc"]:
+                fix = "" if any(LOAD_FIX in m for m in error_msgs) else f"; {LOAD_FIX}"
+                error_msgs.append(
+                    f"{prefix}{attr} was saved on another grouping ({_describe(saved[attr])}) "
+                    f"than this model's ({_describe(here)}){fix}"
+                )
+        elif not local_metadata and value.device.type != "meta" and coll.violations(value):
+            warnings.warn(
+                "load_state_dict: weights without grouping metadata (a state dict copied into "
+                "a plain dict) are off this model's manifolds and were projected onto them. "
+                "That is expected for a plain (for example pretrained) checkpoint; if it was "
+                f"saved from a wrapped model, {LOAD_FIX}",
+                UserWarning,
+                stacklevel=2,
+            )
 
 
 def wrapped_entries(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, KernelCollection]]:

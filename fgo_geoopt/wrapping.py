@@ -6,6 +6,8 @@ paper initialises weights on the manifolds). Parameter names and ``state_dict`` 
 change. Every module that owns a wrapped weight also remembers its collection and carries a
 ``load_state_dict`` post hook, so that loading (also with ``assign=True``) keeps the tagging and
 re-projects off-manifold weights, and :func:`check` can report a weight that lost its manifold.
+Checkpoints name their groupings (in ``state_dict._metadata``), and loading one saved on other
+groupings raises instead of re-projecting it.
 
 Nothing here imports timm: the classifier head is found from ``model.pretrained_cfg`` when the
 model has one (timm models do), and the optimizer registration is delegated to
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _misuse
 from ._tagging import (
     COLLECTIONS_ATTR,
     collection_of,
@@ -193,7 +196,9 @@ def wrap(
     model is the plain one and FG-SGD on it is exactly SGD.
 
     Also registers ``fgsgd`` / ``nfgsgd`` with timm's optimizer factory when timm is
-    installed. Optimizers must be created after ``wrap``: it replaces parameter objects.
+    installed. Optimizers must be created after ``wrap``: it replaces parameter objects. An
+    optimizer that still holds replaced ones, and a non-Riemannian optimizer (``AdamW``, ...)
+    stepping wrapped weights, warn once on their first step.
 
     Args:
         model: Any module (timm, torchvision, your own).
@@ -224,6 +229,16 @@ def wrap(
     selected = _select(model, include_p, exclude_p)
     if (strategy_key, names) == ("single", ("euclidean",)):
         selected = {}
+    on_meta = [
+        n for n, owners in selected.items() if owners[0][0]._parameters[owners[0][1]].is_meta
+    ]
+    if on_meta:
+        more = f" (and {len(on_meta) - 1} more)" if len(on_meta) > 1 else ""
+        raise ValueError(
+            f"wrap needs weights with data, but {on_meta[0]}{more} is on the meta device: "
+            "materialise the model first (model.to_empty(device=...), then initialise or load "
+            "its weights) and call wrap afterwards"
+        )
     targets = {(id(m), a) for owners in selected.values() for m, a in owners}
     for _, module, attr, _ in list(wrapped_entries(model)):
         if (id(module), attr) not in targets:
@@ -255,6 +270,7 @@ def wrap(
         "rescale": bool(rescale),
     }
     _register_optimizers()
+    _misuse.install()
     if rescale:
         _attach_rescaler(model)
     return model
@@ -279,21 +295,45 @@ def _attach_rescaler(model: nn.Module) -> None:
 
 
 def check(model: nn.Module, atol: float | None = None, rtol: float | None = None) -> list[str]:
-    """Every manifold violation of the wrapped weights of ``model`` (empty when all is well).
+    """Every problem of the weights of ``model`` (empty when all is well).
 
-    Reports weights whose constraint does not hold within the tolerance (default from
-    ``torch.finfo`` of the weight's dtype) and weights that lost their manifold tagging, for
-    example after ``model.to("meta")`` or a manual replacement. Fix both with
-    :func:`reproject`.
+    Reports wrapped weights whose constraint does not hold within the tolerance (default from
+    ``torch.finfo`` of the weight's dtype), wrapped weights that lost their manifold tagging,
+    for example after ``model.to("meta")`` or a manual replacement (fix both with
+    :func:`reproject`), and every parameter with NaN or inf entries, wrapped or not (Euclidean
+    kernels of a collection and plain parameters included; no projection fixes those).
     """
     out = []
+    bad = _nonfinite(model)
     for name, module, attr, coll in wrapped_entries(model):
         p = module._parameters.get(attr)
         problem = tag_problem(name, p)
         if problem is not None:
             out.append(problem)
             continue
-        out.extend(f"{name}: {why}" for why in coll.violations(p.detach(), atol=atol, rtol=rtol))
+        if id(p) in bad:
+            continue  # reported below; NaN makes every constraint fail
+        why = coll.violations(p.detach(), atol=atol, rtol=rtol)
+        if why and (by := _misuse.stepped_by(p)) is not None:
+            why.append(
+                f"it was stepped by {by}, which is not a Riemannian optimizer: "
+                "use fgo_geoopt.FGSGD and fgo_geoopt.reproject(model)"
+            )
+        out.extend(f"{name}: {w}" for w in why)
+    out.extend(bad.values())
+    return out
+
+
+def _nonfinite(model: nn.Module) -> dict[int, str]:
+    """``{id(p): message}`` of every parameter with NaN / inf entries (a tied one once)."""
+    out: dict[int, str] = {}
+    for name, p in model.named_parameters():
+        if p.device.type == "meta" or not p.is_floating_point():
+            continue
+        finite = torch.isfinite(p.detach())
+        if not bool(finite.all()):
+            count = int((~finite).sum())
+            out[id(p)] = f"{name}: {count} non-finite (NaN / inf) entries of {p.numel()}"
     return out
 
 
@@ -330,8 +370,10 @@ def load_grouping_state(model: nn.Module, state: dict[str, dict[str, Any]]) -> n
     """Re-wrap ``model`` with exactly the groupings of ``state`` (from :func:`grouping_state`).
 
     Weights named in ``state`` are bound to the saved collections (projected only if they are
-    off their manifold, so a checkpoint loaded before or after stays bit-exact); wrapped
-    weights not named in ``state`` become plain parameters. Returns ``model``.
+    off their manifold, so a checkpoint loaded into the unwrapped model before, or into the
+    model after, stays bit-exact); wrapped weights not named in ``state`` become plain
+    parameters. Loading a wrapped model's checkpoint into a model wrapped on other groupings
+    raises, so call this first. Returns ``model``.
     """
     owners = _owners(model)
     by_name = {
@@ -365,6 +407,7 @@ def load_grouping_state(model: nn.Module, state: dict[str, dict[str, Any]]) -> n
         restore(module, attr, coll, force=False)
         _share(entries, coll)
     _register_optimizers()
+    _misuse.install()
     return model
 
 

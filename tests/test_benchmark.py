@@ -7,7 +7,9 @@ accounting counts what it claims to.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import math
 import sys
@@ -53,12 +55,22 @@ def _run_main(bench):
         "--model", "test_resnet", "--presets", "st,pio4", "--repeats", "2", "--warmup", "1",
         "--geoopt-repeats", "1", "--train-repeats", "1", "--batch-size", "2", "--img-size", "32",
         "--wrap-model", "test_resnet", "--launches", "--malloc", "default", "--json",
+        "--no-strict",  # a tiny model on a busy machine need not meet resnet50's targets
     ]  # fmt: skip
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
         rc = bench.main(argv)
     assert rc == 0
     text = buf.getvalue().strip().splitlines()
     return {"json": json.loads(text[-1]), "table": "\n".join(text[:-1])}
+
+
+@pytest.mark.parametrize(("extra", "rc"), [([], 1), (["--strict"], 1), (["--no-strict"], 0)])
+def test_a_missed_target_fails_the_command_unless_no_strict(bench, monkeypatch, extra, rc):
+    checks = [{"pass": True}, {"pass": False}]
+    monkeypatch.setattr(bench, "run", lambda cfg, log: {"checks": checks})
+    monkeypatch.setattr(bench, "format_report", lambda result: "FAIL")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert bench.main(["--model", "test_resnet", *extra]) == rc
 
 
 def _positive(x) -> bool:

@@ -140,6 +140,16 @@ def test_invalid_arguments(kwargs, error, match):
         fg.wrap(make(), **kwargs)
 
 
+def test_wrap_rejects_meta_models_with_the_fix():
+    with torch.device("meta"):
+        model = Net()
+    with pytest.raises(ValueError, match=r"stem\.weight .* meta device.*to_empty"):
+        fg.wrap(model)
+    model.to_empty(device="cpu")
+    model.load_state_dict(make().state_dict())
+    assert wrapped_names(fg.wrap(model)) == WRAPPED
+
+
 def test_wrap_rejects_non_modules():
     with pytest.raises(TypeError, match=r"nn\.Module"):
         fg.wrap(torch.zeros(3))
@@ -283,6 +293,21 @@ def test_manual_replacement_and_corruption_are_reported_and_reprojected():
     assert fg.check(model) == []
 
 
+def test_check_reports_nonfinite_weights_anywhere():
+    model = fg.wrap(make(), "pio4")
+    coll = model.stem.weight.manifold
+    euclidean = coll.manifold_names.index("euclidean")
+    k = int((coll.kernel_type() == euclidean).nonzero()[0])
+    with torch.no_grad():
+        # spatial view: kernel k is W[k // c_in, k % c_in], a Euclidean kernel has no constraint
+        model.stem.weight[k // coll.in_channels, k % coll.in_channels, 0, 0] = float("nan")
+        model.bn.weight[1] = float("inf")
+    assert fg.check(model) == [
+        "stem.weight: 1 non-finite (NaN / inf) entries of 216",
+        "bn.weight: 1 non-finite (NaN / inf) entries of 8",
+    ]
+
+
 def test_deepcopy_keeps_the_tagging():
     model = fg.wrap(make())
     clone = copy.deepcopy(model)
@@ -318,13 +343,58 @@ def test_channels_last_steps_stay_on_the_manifold():
     assert model.stem.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_checkpoints_keep_plain_keys_and_name_their_groupings():
+    state = as_bytes_and_back(fg.wrap(make(), seed=0).state_dict(), weights_only=True)
+    assert list(state) == list(make().state_dict())
+    assert set(state._metadata["stem"]["fgo_groupings"]) == {"weight"}
+    assert "fgo_groupings" not in state._metadata["bn"]
+
+
+@pytest.mark.parametrize(
+    "wrap_kwargs", [{"seed": 1}, {"strategy": "st"}, {"strategy": "pio3"}], ids=str
+)
+def test_loading_weights_saved_on_other_groupings_raises_with_the_fix(wrap_kwargs):
+    source = fg.wrap(make(seed=1), seed=0)
+    state = as_bytes_and_back(source.state_dict(), weights_only=True)
+    model = fg.wrap(make(), **wrap_kwargs)
+    with pytest.raises(RuntimeError, match=r"stem\.weight was saved on another grouping") as err:
+        model.load_state_dict(state)
+    assert str(err.value).count("load_grouping_state") == 1  # the fix, named once
+    fg.load_grouping_state(model, fg.grouping_state(source))
+    model.load_state_dict(state)  # exact once the groupings match
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_unwrapped_target_takes_a_wrapped_checkpoint_then_wraps():
+    source = fg.wrap(make(seed=1), seed=0)
+    model = make()
+    model.load_state_dict(source.state_dict())  # a plain model has no groupings to compare
+    fg.wrap(model, seed=1)  # new groupings, from these weights
+    assert fg.check(model) == []
+
+
+def test_state_dict_without_metadata_off_manifold_warns_and_projects():
+    source = fg.wrap(make(seed=1), seed=0)
+    model = fg.wrap(make(), seed=1)
+    stripped = dict(source.state_dict())  # a plain dict: no _metadata, source unknown
+    with pytest.warns(UserWarning, match="load_grouping_state"):
+        model.load_state_dict(stripped)
+    assert fg.check(model) == []
+    same = fg.wrap(make(), seed=0)
+    same.load_state_dict(dict(source.state_dict()))  # on its manifolds: silent and exact
+    assert torch.equal(same.stem.weight, source.stem.weight)
+
+
 # ---------------------------------------------------------------------- grouping state
 def test_grouping_state_roundtrip_rebinds_exact_groupings():
     source = fg.wrap(make(), "pio3", seed=11)
     state = as_bytes_and_back(fg.grouping_state(source), weights_only=True)
     target = fg.wrap(make(), "st", include="proj.*")
-    target.load_state_dict(source.state_dict())
+    with pytest.raises(RuntimeError, match=r"proj\.weight was saved on another grouping"):
+        target.load_state_dict(source.state_dict())  # the groupings must come first
     fg.load_grouping_state(target, state)
+    target.load_state_dict(source.state_dict())
     assert wrapped_names(target) == WRAPPED
     for name, p in target.named_parameters():
         if name in WRAPPED:

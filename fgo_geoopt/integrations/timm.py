@@ -6,14 +6,20 @@ need it: ``import fgo_geoopt`` works without timm installed.
 - :func:`param_groups` rewrites a model's parameters into optimizer groups; it is usable as
   ``timm.optim.create_optimizer_v2(..., param_group_fn=param_groups)``.
 - :func:`register_timm_optimizers` adds ``fgsgd`` and ``nfgsgd`` (Nesterov) to timm's optimizer
-  factory; :func:`fgo_geoopt.wrap` calls it, so there is nothing else to call.
+  factory. It runs as soon as both ``fgo_geoopt`` and ``timm.optim`` are imported, in either
+  order, without importing timm itself (importing timm would double the import time of
+  ``fgo_geoopt``): an import hook registers the names right after ``timm.optim`` loads.
+  :func:`fgo_geoopt.wrap` calls it too, so there is nothing else to call.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import importlib.abc
+import importlib.util
 import logging
 import re
+import sys
 from collections.abc import Collection
 from typing import Any
 
@@ -183,3 +189,51 @@ def register_timm_optimizers() -> bool:
         if current != info:
             registry.register(info)
     return True
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Registers FG-SGD with timm right after ``timm.optim`` is imported, then removes itself.
+
+    It finds nothing itself: it asks the other finders for ``timm.optim`` and wraps the
+    loader's ``exec_module`` of that one module.
+    """
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != "timm.optim":
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_and_register(module: Any) -> None:
+            exec_module(module)
+            try:
+                register_timm_optimizers()
+            except Exception as err:  # never break timm's import
+                _logger.warning("FG-SGD not registered with timm: %s", err)
+
+        loader.exec_module = exec_and_register
+        return spec
+
+
+def _register_when_timm_is_imported() -> None:
+    if "timm.optim" in sys.modules:
+        register_timm_optimizers()
+    elif importlib.util.find_spec("timm") is not None and not any(  # imports nothing
+        isinstance(f, _RegisterAfterImport) for f in sys.meta_path
+    ):
+        sys.meta_path.insert(0, _RegisterAfterImport())
+
+
+_register_when_timm_is_imported()

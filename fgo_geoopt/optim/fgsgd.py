@@ -205,6 +205,16 @@ class FGSGD(RiemannianSGD):
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict` (or by ``torch.optim.SGD`` for plain
+        parameters).
+
+        Raises:
+            ValueError: A momentum buffer does not fit its parameter: not ``(K, n)`` for a
+                parameter on a :class:`~fgo_geoopt.KernelCollection`, or saved by another
+                optimizer (``torch.optim.SGD`` keeps buffers in the weight's own layout),
+                or not the parameter's shape for a plain one. Nothing is loaded then.
+        """
+        _check_loaded_state(self.param_groups, state_dict)
         state_dict = dict(state_dict)
         count = state_dict.pop("nonfinite_count", 0)
         super().load_state_dict(state_dict)
@@ -218,8 +228,10 @@ class FGSGD(RiemannianSGD):
             with torch.enable_grad():
                 loss = closure()
         # nonfinite="raise" promises that nothing is updated: check every group before any
-        # group (or its step counter) changes.
+        # group (or its step counter) changes. Group values may have been changed since
+        # construction (schedulers, user code): a NaN lr would silently wreck the weights.
         for group in self.param_groups:
+            _validate(group)
             if group["nonfinite"] == "raise":
                 _raise_if_nonfinite([p for p in group["params"] if p.grad is not None])
         for group in self.param_groups:
@@ -276,6 +288,45 @@ class FGSGD(RiemannianSGD):
         return _plain_buffer(self.state.get(p, {}))
 
 
+def _check_loaded_state(groups: list[dict[str, Any]], state_dict: dict[str, Any]) -> None:
+    """Refuse momentum buffers that ``step()`` would misread (see ``FGSGD.load_state_dict``)."""
+    saved_groups = state_dict.get("param_groups", [])
+    if len(saved_groups) != len(groups):
+        return  # torch's own check names that mismatch
+    saved_state = state_dict.get("state", {})
+    fix = (
+        "resume from a state dict saved by FGSGD on the wrapped model (create the optimizer "
+        "after fgo_geoopt.wrap), or do not load the optimizer state and start its momentum fresh"
+    )
+    for g, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
+        # torch optimizers save their implementation switches; FGSGD has none
+        foreign = "foreach" in saved or "differentiable" in saved
+        for i, (p, pid) in enumerate(zip(group["params"], saved.get("params", []), strict=False)):
+            buf = saved_state.get(pid, {}).get("momentum_buffer")
+            if buf is None:
+                continue
+            where = f"parameter {i} of group {g} (shape {tuple(p.shape)})"
+            if not isinstance(buf, torch.Tensor):
+                raise ValueError(f"the momentum buffer of {where} is not a tensor; {fix}")
+            coll = getattr(p, "manifold", None)
+            if isinstance(coll, KernelCollection):
+                expected = (coll.num_kernels, coll.kernel_numel)
+                if foreign:
+                    raise ValueError(
+                        f"the state of {where} was saved by another optimizer (a torch one, "
+                        "such as SGD): its momentum is in the weight's layout, while FGSGD "
+                        f"keeps a {expected} buffer in unit coordinates on manifold "
+                        f"parameters; {fix}"
+                    )
+            else:
+                expected = tuple(p.shape)
+            if tuple(buf.shape) != expected:
+                raise ValueError(
+                    f"the momentum buffer of {where} has shape {tuple(buf.shape)}, FGSGD "
+                    f"expects {expected}; {fix}"
+                )
+
+
 def _set_layout(st: dict[str, Any], tiles: int | None, convert: bool = True) -> None:
     """Store the momentum buffer of ``st`` tile-major with ``tiles`` kernels per tile, or
     kernel-major for ``None`` (in place: the tensor object stays)."""
@@ -301,8 +352,8 @@ def _raise_if_nonfinite(params: list[torch.Tensor]) -> None:
     bad = [i for i, ok in enumerate(flags) if not ok]
     if bad:
         raise FloatingPointError(
-            f"non-finite gradient in {len(bad)} parameter(s) (positions {bad} of the group "
-            f"with gradients); nothing was updated"
+            f"non-finite gradient (NaN / inf entries) in {len(bad)} parameter(s) (positions "
+            f"{bad} of the group with gradients); nothing was updated"
         )
 
 
@@ -378,7 +429,13 @@ def fgsgd(
 
 
 def _finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
-    """Whether each tensor is all-finite: one fused norm per (device, dtype) group, one sync."""
+    """Whether each tensor has only finite entries (no NaN, no inf).
+
+    One fused 2-norm per (device, dtype) group and one sync. A finite norm proves every entry
+    finite; a non-finite one may also be an overflow of the sum of squares (one entry of 1e20
+    in float32), so those few tensors are confirmed entry by entry: a huge but finite gradient
+    is not "non-finite".
+    """
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
@@ -387,7 +444,7 @@ def _finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
         norms = torch._foreach_norm([tensors[i] for i in members])
         ok = torch.stack(norms).isfinite().tolist()
         for i, good in zip(members, ok, strict=True):
-            flags[i] = good
+            flags[i] = good or bool(torch.isfinite(tensors[i]).all())
     return flags
 
 
