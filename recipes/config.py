@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="image size of image-folder data (default: 224)",
+        help="image size of image-folder data (default: 224); resamples the embedded "
+        "datasets (default: their own size, 28 for mnist5k, 8 for digits)",
     )
     group.add_argument(
         "-b",

@@ -144,10 +144,17 @@ def stratified_split(
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def _embedded(name: str) -> DataInfo:
+def _embedded(name: str, img_size: int | None = None) -> DataInfo:
     images, labels = load_mnist5k() if name == "mnist5k" else _load_digits()
     train_idx, test_idx = stratified_split(labels, 0.2)
     x = torch.from_numpy(images).float().div_(255.0).unsqueeze(1)
+    if img_size is not None and img_size != x.shape[-1]:
+        if img_size < 1:
+            raise ValueError(f"--img-size must be positive, got {img_size}")
+        # Bilinear resampling of the whole (small) set once, before normalisation.
+        x = torch.nn.functional.interpolate(
+            x, size=(img_size, img_size), mode="bilinear", align_corners=False, antialias=True
+        )
     # Normalise with statistics of the training split only.
     mean, std = x[train_idx].mean(), x[train_idx].std()
     x = (x - mean) / std
@@ -158,7 +165,7 @@ def _embedded(name: str) -> DataInfo:
         eval=TensorDataset(x[test_idx], y[test_idx]),
         num_classes=10,
         in_chans=1,
-        img_size=images.shape[-1],
+        img_size=int(x.shape[-1]),
     )
 
 
@@ -257,7 +264,8 @@ def create_datasets(
         data_dir: Root folder of local data; unused by the embedded datasets.
         train_split: Training sub-folder of an image-folder tree.
         val_split: Evaluation sub-folder of an image-folder tree.
-        img_size: Image size of image-folder data (default 224).
+        img_size: Image size: of image-folder data (default 224), or the size the embedded
+            datasets are resampled to (default: their own, 28 and 8).
         train_subset: Keep only this many training samples (a fixed seeded choice).
         eval_subset: Keep only this many evaluation samples (a fixed seeded choice).
 
@@ -266,7 +274,7 @@ def create_datasets(
     """
     key = canonical_dataset(name)
     if key in ("mnist5k", "digits"):
-        info = _embedded(key)
+        info = _embedded(key, img_size)
     elif key.startswith("torch/"):
         info = _torchvision(key, data_dir)
     else:

@@ -20,16 +20,17 @@ from pathlib import Path
 
 import yaml
 
+from fgo_geoopt import PRESETS
 from fgo_geoopt import bounds as fg_bounds
 
 from .checkpoint import load_checkpoint
-from .data import canonical_dataset, create_datasets
+from .data import DataError, canonical_dataset, create_datasets
 from .distributed import DistEnv, broadcast_object, init_distributed
 from .outputs import plot_comparison, write_csv, write_text
 from .run import RunSpec, plain_args, run_name, train_run
 from .table import collect, results_table
 
-__all__ = ["plan_runs", "run_experiment"]
+__all__ = ["plan_runs", "run_experiment", "validate_runs"]
 
 
 def _experiment_dir(args: argparse.Namespace, env: DistEnv) -> Path:
@@ -67,6 +68,54 @@ def plan_runs(args: argparse.Namespace, exp_dir: Path) -> list[RunSpec]:
     return runs
 
 
+# ---------------------------------------------------------------------------- start-up checks
+def validate_runs(args: argparse.Namespace, runs: list[RunSpec], data) -> None:
+    """Check every row, the model name and the input size before anything trains or any
+    folder is written; raises :class:`DataError` with the fix (``train.py`` exits with 2).
+    """
+    import timm
+    import torch
+
+    from fgo_geoopt.collections import resolve_strategy
+
+    from .config import fg_optimizer
+
+    problems = []
+    for row in dict.fromkeys(spec.row for spec in runs):
+        if row == "euc":
+            continue
+        try:
+            resolve_strategy(row, args.fg_manifolds if row not in PRESETS else None)
+            fg_optimizer(args.opt, row)
+        except ValueError as err:
+            problems.append(f"--fg-strategy {row}: {err}")
+    if not timm.is_model(args.model):
+        close = timm.list_models(f"*{args.model.split('_')[0]}*")[:8]
+        hint = f"; similar names: {', '.join(close)}" if close else ""
+        problems.append(
+            f"--model {args.model!r} is not a timm model (nor one of recipes/models.py){hint}"
+        )
+    if problems:
+        raise DataError("; ".join(problems))
+    # One forward pass of an untrained copy on one sample: a model whose minimum input is
+    # larger than the data fails here, with a message, not inside the first epoch.
+    model = timm.create_model(
+        args.model,
+        pretrained=False,
+        num_classes=args.num_classes or data.num_classes,
+        in_chans=data.in_chans,
+    ).eval()
+    x = data.train[0][0].unsqueeze(0).float()
+    try:
+        with torch.no_grad():
+            model(x)
+    except RuntimeError as err:
+        raise DataError(
+            f"--model {args.model} cannot run on {data.name}'s {tuple(x.shape[1:])} inputs "
+            f"({err}); give a larger --img-size (e.g. --img-size 64)"
+        ) from None
+
+
 # ---------------------------------------------------------------------------- experiment
 def run_experiment(
     args: argparse.Namespace, args_text: str | None = None, env: DistEnv | None = None
@@ -89,6 +138,7 @@ def run_experiment(
         train_subset=args.train_subset,
         eval_subset=args.eval_subset,
     )
+    validate_runs(args, runs, data)
     # Resuming one run's last.pth continues inside an experiment that may hold other runs:
     # its args.yaml stays, and the table covers every finished run of the folder.
     single_resume = bool(args.resume) and Path(args.resume).is_file()
