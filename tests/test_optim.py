@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 
 import geoopt
 import pytest
@@ -864,3 +865,36 @@ def test_nonfinite_count_survives_state_dict():
     fresh = FGSGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
     fresh.load_state_dict(opt.state_dict())
     assert fresh.nonfinite_count == 1
+
+
+def test_loaded_state_keeps_the_constructors_backend():
+    # A saved backend is how another process ran the step, not part of the run.
+    coll = build_collection((4, 3, 3, 3), "pio4", seed=0)
+    w = geoopt.ManifoldParameter(coll.projx(torch.randn(4, 3, 3, 3)), manifold=coll)
+    w.grad = torch.randn_like(w)
+    saved = FGSGD([w], lr=0.1, momentum=0.9, backend="auto")
+    saved.step()
+    opt = FGSGD([w], lr=0.1, momentum=0.9, backend="torch")
+    opt.load_state_dict(saved.state_dict())
+    assert opt.param_groups[0]["backend"] == "torch"
+    assert opt.param_groups[0]["momentum"] == 0.9
+
+
+def test_auto_says_once_when_it_falls_back_to_torch_on_cpu(monkeypatch):
+    import importlib
+
+    fgsgd_module = importlib.import_module("fgo_geoopt.optim.fgsgd")
+    monkeypatch.setattr(fgsgd_module, "_FALLBACK_WARNED", set())
+    coll = build_collection((4, 3, 3, 3), "pio4", seed=0)
+    w = geoopt.ManifoldParameter(
+        coll.projx(torch.randn(4, 3, 3, 3)).to(torch.bfloat16), manifold=coll
+    )
+    w.grad = torch.randn_like(w)
+    opt = FGSGD([w], lr=0.1)
+    reason = "float32 / float64 weights, not torch.bfloat16" if _fused.AVAILABLE else "numba"
+    with pytest.warns(UserWarning, match=f"(?i)batched torch ops.*{reason}"):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # once per reason: silent now
+        FGSGD([w], lr=0.1, backend="torch").step()  # explicit: silent

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -208,6 +209,9 @@ class FGSGD(RiemannianSGD):
         """Load a state saved by :meth:`state_dict` (or by ``torch.optim.SGD`` for plain
         parameters).
 
+        Every saved group value is restored except ``backend``: the one this optimizer was
+        created with is kept.
+
         Raises:
             ValueError: A momentum buffer does not fit its parameter: not ``(K, n)`` for a
                 parameter on a :class:`~fgo_geoopt.KernelCollection`, or saved by another
@@ -217,7 +221,13 @@ class FGSGD(RiemannianSGD):
         _check_loaded_state(self.param_groups, state_dict)
         state_dict = dict(state_dict)
         count = state_dict.pop("nonfinite_count", 0)
+        # ``backend`` says how this process runs the step, not what the run is: the one given
+        # to this optimizer wins over the one saved (a checkpoint from a GPU machine must not
+        # switch a CPU run to another backend, nor the reverse).
+        backends = [group["backend"] for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, backend in zip(self.param_groups, backends, strict=True):
+            group["backend"] = backend
         self.nonfinite_count = int(count)
 
     @torch.no_grad()
@@ -509,6 +519,8 @@ def _collection_step(
         and p.dtype in (torch.float32, torch.float64)
         and _fused.fused_supported(coll)
     )
+    if backend == "auto" and not use_fused and p.device.type == "cpu":
+        _warn_fallback_once(coll, p)
     if backend == "fused" and not use_fused:
         raise ValueError(
             f"backend='fused' cannot step a {p.dtype} parameter on {p.device} with manifolds "
@@ -555,6 +567,33 @@ def _collection_step(
     if x is not p:
         copies.append((p, x))
     return 0
+
+
+_FALLBACK_WARNED: set[str] = set()
+
+
+def _warn_fallback_once(coll: KernelCollection, p: torch.Tensor) -> None:
+    """Say once per reason and process that ``backend="auto"`` steps a CPU collection with
+    the batched torch ops, tens of times slower there than the fused step."""
+    if not _fused.AVAILABLE:
+        reason = (
+            "numba is not importable"
+            if _fused.numba is None
+            else "FGO_DISABLE_NUMBA=1 switches the fused step off"
+        )
+    elif p.dtype not in (torch.float32, torch.float64):
+        reason = f"the fused step takes float32 / float64 weights, not {p.dtype}"
+    else:
+        reason = f"a manifold of {coll.manifold_names} has no fused implementation"
+    if reason in _FALLBACK_WARNED:
+        return
+    _FALLBACK_WARNED.add(reason)
+    warnings.warn(
+        f"FG-SGD steps CPU collections with the batched torch ops (much slower than the fused "
+        f"step): {reason}. backend='torch' says so explicitly and silences this.",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def _inverse_square_scale(coll: KernelCollection, like: torch.Tensor) -> torch.Tensor:
