@@ -1226,6 +1226,21 @@ def _team_warning(exc: Exception) -> None:
     )
 
 
+def _after_fork_in_child() -> None:
+    """A forked child has none of its parent's threads. The parent's pool looks idle there (its
+    workers released their semaphore before the fork), so it would start no worker and
+    ``_parallel`` would wait forever: the child makes its own on first use. GNU OpenMP cannot
+    run a team in the child of a process that ran one either (``GOMP_parallel`` waits forever,
+    as torch's own parallel ops do there): the child's split phases take the pool instead."""
+    global _POOL, _TEAM
+    _POOL = None  # dropped, not shut down: shutting down would join threads that do not exist
+    _TEAM = [None]
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork()
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def buffer_layout(coll) -> int | None:
     """Layout the fused step keeps the momentum buffer of ``coll`` in: the tile size for 3x3
     kernels (see ``_layout.to_tiles``), ``None`` for the plain ``(K, n)`` layout."""
