@@ -1032,8 +1032,12 @@ class _InOrder:
         """Drops this step's arrays. Holding on to the gradient would keep every layer's
         ``.grad`` alive after ``zero_grad(set_to_none=True)``: the next backward would then
         allocate all of them afresh, and fault in their pages (measured on resnet50: about 5,000
-        page faults and 10 ms per backward)."""
+        page faults and 10 ms per backward). The team descriptor forgets their addresses."""
         self.x = self.g = self.m = self.s = None
+        if self.desc is not None:
+            from . import _team
+
+            _team.clear(self.desc)
 
     def prepare(self, parts: int) -> None:
         """Zeroed rows of POM sums for ``parts`` pieces (kept from step to step)."""
@@ -1147,7 +1151,7 @@ def run_jobs(jobs: list[FusedJob], threads: int | None = None) -> int:
             job.prepare(job.parts)
         skipped = 0
         for phase in range(max((len(j.phases) for j in jobs), default=0)):
-            pieces, on_team, counts = [], {}, []
+            pieces, on_team = [], {}
             for job in jobs:
                 if phase >= len(job.phases):
                     continue
@@ -1156,15 +1160,22 @@ def run_jobs(jobs: list[FusedJob], threads: int | None = None) -> int:
                 if active is not None and not active():
                     continue  # nothing to do in this phase (decided by an earlier one)
                 if split and job.on_team:
-                    desc, count = job.team_phase(rest[1], threads)
-                    on_team.setdefault(job.team_key, []).append(desc)
-                    counts.append(count)
+                    on_team.setdefault(job.team_key, []).append((job, fn, rest[1]))
                     continue
                 parts = job.parts if split else 1
                 pieces += [(job.numel // parts, fn, c, parts) for c in range(parts)]
-            for (path, kidx_dtype), descs in on_team.items():  # one team call per path and type
-                team.run(path, kidx_dtype, descs, threads)
-            skipped += sum(count() for count in counts)
+            for key, members in on_team.items():  # one team call per path and index type
+                count = None if team is None else _run_on_team(team, key, members, threads)
+                if count is None:  # the team failed before it ran: these go to the pool
+                    team = None
+                    for job, fn, _ in members:
+                        pieces += [
+                            (job.numel // job.parts, fn, c, job.parts) for c in range(job.parts)
+                        ]
+                    for job in jobs:
+                        job.on_team = False
+                else:
+                    skipped += count
             pieces.sort(key=lambda piece: -piece[0])
             queue = iter(pieces)
             lock = threading.Lock()
@@ -1187,8 +1198,22 @@ def run_jobs(jobs: list[FusedJob], threads: int | None = None) -> int:
             job.release()
 
 
+def _run_on_team(team, key, members, threads) -> int | None:
+    """One team call for the split phase of the jobs in ``members`` (``(job, fn, kind)``, all
+    of one ``key``); the number of skipped POMs, or ``None`` where the team failed before any
+    work was done (then it is off for the rest of the process, with one warning)."""
+    try:
+        parts = [job.team_phase(kind, threads) for job, _, kind in members]
+        team.run(*key, [desc for desc, _ in parts], threads)
+    except Exception as exc:  # only speed is at stake: the thread pool remains
+        _team_off(exc)
+        return None
+    return sum(count() for _, count in parts)
+
+
 _TEAM: list = []
 _TEAM_FAILED: set = set()
+_TEAM_WARNED: list = []
 
 
 def _team_module():
@@ -1197,10 +1222,10 @@ def _team_module():
         try:
             from . import _team
 
-            _TEAM.append(_team if _team.KEYS else None)
+            _TEAM.append(_team if _team.load() else None)
         except Exception as exc:  # only speed is at stake: the thread pool remains
-            _team_warning(exc)
             _TEAM.append(None)
+            _team_warning(exc)
     return _TEAM[0]
 
 
@@ -1217,10 +1242,21 @@ def _team_has(team, key) -> bool:
     return True
 
 
+def _team_off(exc: Exception) -> None:
+    """The team failed to run: off for the rest of the process, with one warning."""
+    global _TEAM
+    _TEAM = [None]
+    _team_warning(exc)
+
+
 def _team_warning(exc: Exception) -> None:
+    """One warning per process, whatever failed (finding, compiling or calling the team)."""
+    if _TEAM_WARNED:
+        return
+    _TEAM_WARNED.append(exc)
     warnings.warn(
         f"fgo_geoopt: the fused step cannot use torch's OpenMP threads ({exc!r}); "
-        "it runs on its own thread pool",
+        "it runs on its own thread pool (FGO_DISABLE_OMP_TEAM=1 silences this)",
         RuntimeWarning,
         stacklevel=4,
     )
