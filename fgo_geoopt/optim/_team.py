@@ -32,13 +32,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from . import _fused3x3, _fused_columns
-from ._fused import (
-    FLAG_SCALED,
-    TEAM_BOUNDS,
-    TEAM_NORMS,
-    TEAM_UPDATE,
-    _jit,
-)
+from ._fused_flags import FLAG_SCALED, TEAM_BOUNDS, TEAM_NORMS, TEAM_UPDATE, _jit
 
 __all__ = [
     "BOUNDS",
