@@ -27,15 +27,13 @@ Bounds (``FGSGD_SPEC`` sec. 5; ``delta`` = the measured norms; all reported as `
     Neyshabur 2018:  prod_l prod_g delta_2 / sqrt(N)
                        * sqrt(L^2 width sum_l prod_g delta_F^2 / delta_2^2)
 
-Run ``python -m fgo_geoopt.bounds CHECKPOINT --model NAME --num-samples N`` for a saved
-checkpoint (see ``docs/bounds.md``).
+The command line for a saved checkpoint (it builds timm models) is
+:mod:`fgo_geoopt.integrations.bounds_cli` (see ``docs/bounds.md``).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -55,7 +53,6 @@ __all__ = [
     "generalization_bounds",
     "l21_norm",
     "layer_norms",
-    "main",
     "pom_matrices",
     "pom_norms",
     "spectral_norm",
@@ -65,9 +62,6 @@ NORMS = ("fro", "spec", "l21")
 BOUNDS = ("neyshabur2015", "bartlett2017", "neyshabur2018")
 COORDS = ("stored", "unit")
 _LOG10_2 = math.log10(2.0)
-# Checkpoint keys of the groupings ({parameter name: KernelCollection.state_dict()}), as written
-# by fgo_geoopt.grouping_state: the recipes save it under "grouping".
-_GROUPING_KEYS = ("grouping", "fg_grouping")
 
 
 # ---------------------------------------------------------------------------- matrix norms
@@ -390,100 +384,3 @@ def format_table(
         for label, values in bounds.items():
             lines.append(f"  {label}: " + ", ".join(f"{values[k]:.3f}" for k in BOUNDS))
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------- command line
-def _find_state_dict(obj: Any) -> dict[str, torch.Tensor]:
-    """The model state dict inside a checkpoint (plain, or under ``state_dict`` / ``model``)."""
-    for _ in range(4):
-        if (
-            isinstance(obj, Mapping)
-            and obj
-            and all(isinstance(v, torch.Tensor) for v in obj.values())
-        ):
-            return dict(obj)
-        if isinstance(obj, Mapping):
-            for key in ("state_dict", "model", "state_dict_ema", "model_state"):
-                if key in obj:
-                    obj = obj[key]
-                    break
-            else:
-                break
-        else:
-            break
-    raise ValueError(
-        "could not find a model state dict in the checkpoint (looked at the top level and "
-        "under 'state_dict' / 'model')"
-    )
-
-
-def _strip(name: str) -> str:
-    return name[len("module.") :] if name.startswith("module.") else name
-
-
-def _grouping_state(checkpoint: Any) -> dict[str, Any]:
-    """``{parameter name: collection state}`` saved beside the weights, or ``{}``."""
-    if not isinstance(checkpoint, Mapping):
-        return {}
-    for key in _GROUPING_KEYS:
-        state = checkpoint.get(key)
-        if isinstance(state, Mapping) and state:
-            return {_strip(k): v for k, v in state.items()}
-    return {}
-
-
-def _build_model(name: str, num_classes: int | None) -> nn.Module:
-    # timm is only needed by the command line, so it is imported here, lazily.
-    import timm
-
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    return timm.create_model(name, pretrained=False, **kwargs)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: norms and bounds of a saved checkpoint."""
-    parser = argparse.ArgumentParser(
-        prog="python -m fgo_geoopt.bounds",
-        description="Per-POM norms and norm-based generalisation bounds (log10) of a checkpoint.",
-    )
-    parser.add_argument("checkpoint", help="a file saved with torch.save (state dict inside)")
-    parser.add_argument("--model", required=True, help="timm model name, e.g. resnet50")
-    parser.add_argument("--num-classes", type=int, default=None)
-    parser.add_argument(
-        "--num-samples", type=int, required=True, help="N, the number of training samples"
-    )
-    parser.add_argument("--coords", choices=COORDS, default="stored")
-    parser.add_argument(
-        "--width",
-        type=int,
-        default=None,
-        help="varpi of Neyshabur et al. 2018 (default: max output channels)",
-    )
-    args = parser.parse_args(argv)
-
-    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    state = {_strip(k): v for k, v in _find_state_dict(checkpoint).items()}
-    model = _build_model(args.model, args.num_classes)
-    grouping = _grouping_state(checkpoint)
-    if grouping:
-        # The groupings (with their scales) first, so that the stored weights R * w load as
-        # points of their collections.
-        from .wrapping import load_grouping_state
-
-        load_grouping_state(model, grouping)
-    model.load_state_dict(state)
-    rows = layer_norms(model, coords=args.coords)
-    bounds = {
-        "per POM": generalization_bounds(rows, args.num_samples, width=args.width),
-        "per layer": generalization_bounds(rows, args.num_samples, width=args.width, level="layer"),
-    }
-    print(format_table(rows, bounds))
-    fg = [r for r in rows if r["kind"] == "fg"]
-    if fg:
-        verdict = "holds" if claim_holds(rows) else "does not hold"
-        print(f"\nTable 2 claim (every per-POM norm of the {len(fg)} FG layers <= 1): {verdict}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,10 +4,13 @@ matrices, the command line on saved checkpoints, and the paper's claims on a tra
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import math
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +23,7 @@ from torch import nn
 import fgo_geoopt as fg
 from fgo_geoopt import bounds
 from fgo_geoopt.collections import build_collection
+from fgo_geoopt.integrations import bounds_cli
 from fgo_geoopt.rescaling import unit_weight
 from fgo_geoopt.testing import collections, layer_shapes
 
@@ -248,7 +252,7 @@ def test_claim_and_table():
 def _run_cli(argv: list[str]) -> str:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert bounds.main(argv) == 0
+        assert bounds_cli.main(argv) == 0
     return buf.getvalue()
 
 
@@ -296,7 +300,7 @@ def test_cli_on_wrapped_and_plain_checkpoints(tmp_path):
 
 def test_cli_module_entry_point():
     proc = subprocess.run(
-        [sys.executable, "-m", "fgo_geoopt.bounds", "--help"],
+        [sys.executable, "-m", "fgo_geoopt.integrations.bounds_cli", "--help"],
         capture_output=True,
         text=True,
         check=False,
@@ -306,11 +310,31 @@ def test_cli_module_entry_point():
     assert "RuntimeWarning" not in proc.stderr
 
 
+def test_cli_script_is_declared_and_importable():
+    """``fgo-bounds`` in ``pyproject.toml`` names the command line's ``main``."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, name = scripts["fgo-bounds"].partition(":")
+    assert getattr(importlib.import_module(module), name) is bounds_cli.main
+
+
+def test_only_integrations_import_timm():
+    """timm stays an optional extra: only ``fgo_geoopt/integrations`` imports it."""
+    package = Path(fg.__file__).resolve().parent
+    importers = {
+        path.relative_to(package).parts[0]
+        for path in package.rglob("*.py")
+        if re.search(r"^\s*(import timm|from timm)", path.read_text(), re.MULTILINE)
+    }
+    assert importers <= {"integrations"}
+
+
 def test_cli_rejects_a_checkpoint_without_weights(tmp_path):
     path = tmp_path / "empty.pth"
     torch.save({"epoch": 1}, path)
     with pytest.raises(ValueError, match="state dict"):
-        bounds.main([str(path), "--model", "test_resnet", "--num-samples", "5"])
+        bounds_cli.main([str(path), "--model", "test_resnet", "--num-samples", "5"])
 
 
 # ---------------------------------------------------------------------- the paper's claims

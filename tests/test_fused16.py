@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not _fused.AVAILABLE, reason="numba fused backen
 if _fused.AVAILABLE:
     from numba import njit
 
-    from fgo_geoopt.optim import _fused3x3
+    from fgo_geoopt.optim import _fused3x3, _fused_flags, _maths3x3
     from fgo_geoopt.optim._fused import (
         FLAG_ADAPTIVE,
         FLAG_CHECK,
@@ -41,11 +41,11 @@ if _fused.AVAILABLE:
     @njit(cache=False, error_model="numpy")  # 1 / 0 is inf, as in the fused step
     def _both_retractions(tp, y, hp):
         """``_retract`` (CGS2) and ``_retract_gram`` (Cholesky QR) of one kernel ``y``."""
-        zero, one = hp[_fused3x3._ZERO], hp[_fused3x3._ONE]
-        tiny2, eps16sq = hp[_fused3x3._TINY2], hp[_fused3x3._EPS16SQ]
+        zero, one = hp[_fused_flags._ZERO], hp[_fused_flags._ONE]
+        tiny2, eps16sq = hp[_fused_flags._TINY2], hp[_fused_flags._EPS16SQ]
         yt = (y[0], y[1], y[2], y[3], y[4], y[5], y[6], y[7], y[8])
-        a, bad_a = _fused3x3._retract(tp, zero, one, tiny2, eps16sq, yt)
-        b, bad_b = _fused3x3._retract_gram(tp, zero, one, 0.25, tiny2, eps16sq, yt)
+        a, bad_a = _maths3x3._retract(tp, zero, one, tiny2, eps16sq, yt)
+        b, bad_b = _maths3x3._retract_gram(tp, zero, one, 0.25, tiny2, eps16sq, yt)
         out = np.empty((2, 9), y.dtype)
         for j in range(9):
             out[0, j], out[1, j] = a[j], b[j]
@@ -80,7 +80,7 @@ def _layer(shape, strategy, dtype, manifolds=None, seed=0):
 
 
 def _hyper(dtype, nesterov=False, maximize=False, weight_decay=0.0):
-    return _fused3x3.hyper_array(
+    return _fused_flags.hyper_array(
         dtype,
         lr=0.3,
         c_old=0.9,
@@ -217,7 +217,7 @@ def test_step16_hands_back_groups_it_cannot_do(dtype):
     g[20] = 0.0
     before = x.copy(), m.copy()
     no_momentum = hp.copy()
-    no_momentum[_fused3x3._C_OLD] = 0.0  # the kernel does not move: its retraction degenerates
+    no_momentum[_fused_flags._C_OLD] = 0.0  # the kernel does not move: its retraction degenerates
     assert not _step_group(x, g, m, 16, kidx, tcode, fac, no_momentum, FLAG_OWN)
     np.testing.assert_array_equal(x, before[0])
     np.testing.assert_array_equal(m, before[1])

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not _fused.AVAILABLE, reason="numba fused backen
 if _fused.AVAILABLE:
     from numba import njit
 
-    from fgo_geoopt.optim import _fused3x3, _fused_columns
+    from fgo_geoopt.optim import _fused3x3, _fused_columns, _fused_flags
     from fgo_geoopt.optim._lanes import GROUP, from_lanes, to_lanes
 
     @njit(cache=False)
@@ -66,7 +66,7 @@ def test_3x3_bounds_equal_the_general_bounds(dtype, scaled, weight_decay, sign, 
     tcode = np.array([_fused.SPHERE, _fused.OBLIQUE, _fused.STIEFEL, _fused.EUCLIDEAN], np.int8)[
         rng.integers(0, 4, poms)
     ]
-    hp = _fused3x3.hyper_array(
+    hp = _fused_flags.hyper_array(
         dtype, lr=0.1, c_old=0.9, c_new=1.0, a_r=0.0, a_b=1.0, weight_decay=weight_decay, sign=sign
     )
     fast, general = np.zeros(poms), np.zeros(poms)

@@ -7,11 +7,11 @@ gradients and momentum to the stored results in one straight piece of code: the 
 transposed into nine vectors of 16 lanes (``_lanes.load_kernels``), the whole step happens in
 registers, and the results are transposed back on the way out. On one thread a ``512x512x3x3``
 layer's update went from 1.6-1.8 to 0.9 ns per entry (``pio4``), and to 0.55-0.6 with the
-retraction from the Gram matrix (``_fused3x3._retract_gram``) and the float32 estimates below;
+retraction from the Gram matrix (``_maths3x3._retract_gram``) and the float32 estimates below;
 in a resnet50 training step the 3x3 update went from about 11 to 4.2 ms
 (``benchmarks/fused_parts.py``).
 
-The arithmetic is not written twice: the lane helpers of ``_fused3x3`` (the normal part, the
+The arithmetic is not written twice: the lane helpers of ``_maths3x3`` (the normal part, the
 Riemannian gradient, Eq. (7) for one-kernel POMs, the momentum step, the retraction, the
 transport) are evaluated here on ``_Vec`` values, whose operators emit LLVM instructions on 16
 lanes. The helpers take their branches through ``_where`` / ``_and`` / ``_not``, which become
@@ -32,7 +32,27 @@ from numba.core import cgutils
 from numba.core.registry import CPUDispatcher
 from numba.extending import intrinsic
 
-from ._fused import EUCLIDEAN, FLAG_ADAPTIVE, FLAG_CHECK, FLAG_OWN, FLAG_SCALED
+from . import _maths3x3
+from ._fused_flags import (
+    _A_B,
+    _A_R,
+    _C_NEW,
+    _C_OLD,
+    _EPS16SQ,
+    _HALF,
+    _LR,
+    _ONE,
+    _SIGN,
+    _TINY2,
+    _TWO,
+    _WD,
+    _ZERO,
+    EUCLIDEAN,
+    FLAG_ADAPTIVE,
+    FLAG_CHECK,
+    FLAG_OWN,
+    FLAG_SCALED,
+)
 from ._lanes import GROUP, load_kernels, store_kernels
 
 __all__ = ["step16"]
@@ -179,12 +199,10 @@ _HELPERS: dict = {}
 
 
 def _helpers() -> dict:
-    """The lane helpers of ``_fused3x3`` rebound to work on ``_Vec`` values (built once)."""
+    """The lane helpers of ``_maths3x3`` rebound to work on ``_Vec`` values (built once)."""
     if not _HELPERS:
-        from . import _fused3x3  # imports this module: bound lazily, at code generation
-
-        env = dict(vars(_fused3x3))
-        for name, value in vars(_fused3x3).items():
+        env = dict(vars(_maths3x3))
+        for name, value in vars(_maths3x3).items():
             if isinstance(value, CPUDispatcher):
                 fn = value.py_func
                 env[name] = pytypes.FunctionType(
@@ -259,9 +277,10 @@ def step16(typingctx, x, g, m, s, k, kpr, mrow, stride, kidx, bounds, fac, hp, f
     ``m``: the flat tile-major momentum buffer, entry ``j`` of the 16 kernels at
     ``m[mrow + j * stride :][:16]``; ``kidx``: the plan's kernel indices, whose codes are
     ``(kidx >= bounds[0]) + (kidx >= bounds[1]) + (kidx >= bounds[2])``; ``fac``: the 16
-    Eq. (7) factors (unused with ``FLAG_OWN``: then each kernel's own); ``hp``:
-    ``_fused3x3``'s hyper-parameter array; ``flags``: ``_fused.FLAG_*`` bits (ownership, Eq. (7)
-    and the checks are read). Contiguous arrays, one float dtype; no bounds are checked.
+    Eq. (7) factors (unused with ``FLAG_OWN``: then each kernel's own); ``hp``: the
+    hyper-parameter array (``_fused_flags``); ``flags``: ``_fused_flags.FLAG_*`` bits
+    (ownership, Eq. (7) and the checks are read). Contiguous arrays, one float dtype; no bounds
+    are checked.
     """
     if not _valid(x, g, m, s, kidx, bounds, fac, hp):
         return None
@@ -269,8 +288,6 @@ def step16(typingctx, x, g, m, s, k, kpr, mrow, stride, kidx, bounds, fac, hp, f
     sig = types.boolean(x, g, m, s, i, i, i, i, kidx, bounds, fac, hp, i)
 
     def codegen(context, builder, signature, args):
-        from . import _fused3x3 as f3
-
         h = _helpers()
         x_ty, g_ty, m_ty, s_ty = signature.args[:4]
         kidx_ty, bounds_ty, fac_ty, hp_ty = signature.args[8:12]
@@ -299,14 +316,14 @@ def step16(typingctx, x, g, m, s, k, kpr, mrow, stride, kidx, bounds, fac, hp, f
 
         first = builder.mul(k, ir.Constant(_I64, 9))
         xv = [vec(v) for v in load_kernels(builder, ax.data, first, vty)]
-        sign = hyper(f3._SIGN)
+        sign = hyper(_SIGN)
         gv = [vec(v) * sign for v in load_kernels(builder, ag.data, first, vty)]
         rows = [builder.add(mrow, builder.mul(ir.Constant(_I64, j), stride)) for j in range(9)]
         mv = [vec(vload(am.data, r, vty)) for r in rows]
         tp = vec(_codes(builder, kidx_ty, akidx.data, k, abounds.data))
         fac_in = vec(vload(afac.data, ir.Constant(_I64, 0), vty))
-        zero, half, one, two = (hyper(i) for i in (f3._ZERO, f3._HALF, f3._ONE, f3._TWO))
-        step = tuple(hyper(i) for i in (f3._LR, f3._C_OLD, f3._C_NEW, f3._A_R, f3._A_B))
+        zero, half, one, two = (hyper(i) for i in (_ZERO, _HALF, _ONE, _TWO))
+        step = tuple(hyper(i) for i in (_LR, _C_OLD, _C_NEW, _A_R, _A_B))
         adaptive, check = (_flag(builder, flags, b) for b in (FLAG_ADAPTIVE, FLAG_CHECK))
 
         def when(bit, values, alternative):
@@ -336,7 +353,7 @@ def step16(typingctx, x, g, m, s, k, kpr, mrow, stride, kidx, bounds, fac, hp, f
 
         # the same helpers, in the same order, as the lane loops of ``_fused3x3.pass2``, but
         # the retraction from the Gram matrix (``_retract_gram``: half the latency)
-        r = h["_rgrad"](tp, zero, half, hyper(f3._WD), tuple(xv), tuple(gv))
+        r = h["_rgrad"](tp, zero, half, hyper(_WD), tuple(xv), tuple(gv))
         # the kernels' own Eq. (7) factors only where they are used (a square root and a
         # division on every lane otherwise)
         (factor,) = when(
@@ -346,7 +363,7 @@ def step16(typingctx, x, g, m, s, k, kpr, mrow, stride, kidx, bounds, fac, hp, f
         )
         r = h["_scale9"](factor, r)
         y, b = h["_move"](tuple(xv), r, tuple(mv), step)
-        xn, bad = h["_retract_gram"](tp, zero, one, 0.25, hyper(f3._TINY2), hyper(f3._EPS16SQ), y)
+        xn, bad = h["_retract_gram"](tp, zero, one, 0.25, hyper(_TINY2), hyper(_EPS16SQ), y)
         bn = h["_transport"](tp, zero, half, xn, b)
         xn = when(FLAG_SCALED, lambda: [v * s_eff for v in xn], list(xn))
 

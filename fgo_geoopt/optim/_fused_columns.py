@@ -14,7 +14,18 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._fused import (
+from ._fused_flags import (
+    _A_B,
+    _A_R,
+    _C_NEW,
+    _C_OLD,
+    _LR,
+    _ONE,
+    _SIGN,
+    _TINY2,
+    _TWO,
+    _WD,
+    _ZERO,
     EUCLIDEAN,
     FLAG_ADAPTIVE,
     FLAG_CHECK,
@@ -22,15 +33,11 @@ from ._fused import (
     FLAG_SCALED,
     FLAG_UNIT,
     FLAG_USE_MOM,
-    _jit,
+    _inline,
+    _jit_fm,
 )
-from ._fused3x3 import _A_B, _A_R, _C_NEW, _C_OLD, _LR, _ONE, _SIGN, _TINY2, _TWO, _WD, _ZERO
 
 __all__ = ["bounds", "pass1", "pass2"]
-
-_jit_fm = dict(_jit, fastmath={"reassoc", "contract"})
-# helpers inlined: views passed to called functions cost reference counting per kernel
-_inline = dict(_jit_fm, inline="always")
 
 
 @njit(**_inline)

@@ -2,11 +2,11 @@
 
 numba keys its on-disk cache of a function on the source file that defines it (numba 0.68: a
 hash of that file's contents; earlier versions: its time stamp and size). Our fused modules
-call into each other: ``_fused3x3.pass2`` inlines the register code of ``_fused16`` and
-``_lanes``, the team entry points of ``_team`` compile all of ``_fused3x3`` and
-``_fused_columns`` into themselves. A cached caller would therefore keep the old code of a
-callee whose file changed while its own did not: after an upgrade of the package (whose
-``__pycache__`` outlives the files it replaces) or an edit in a working copy.
+call into each other: ``_fused3x3.pass2`` inlines the register code of ``_fused16``, the
+lane helpers of ``_maths3x3`` and ``_lanes``, the team entry points of ``_team`` compile all of
+``_fused3x3`` and ``_fused_columns`` into themselves. A cached caller would therefore keep
+the old code of a callee whose file changed while its own did not: after an upgrade of the
+package (whose ``__pycache__`` outlives the files it replaces) or an edit in a working copy.
 
 ``install()`` puts a locator in front of numba's list that claims the functions defined in
 ``FILES`` and stamps them with one hash over all of those files, so a change in any of them
@@ -31,9 +31,13 @@ FILES = tuple(
         "_fused.py",
         "_fused16.py",
         "_fused3x3.py",
+        "_fused_aos.py",
         "_fused_columns.py",
+        "_fused_flags.py",  # codes, flags and the hyper-parameter layout are compiled in
+        "_fused_soa.py",
         "_lanes.py",
         "_layout.py",  # TILE is compiled in as a constant
+        "_maths3x3.py",
         "_numba_cache.py",
         "_team.py",
     )

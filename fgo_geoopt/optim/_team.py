@@ -11,7 +11,10 @@ phase. The work is described by int64 arrays, one per layer (``describe``, ``pha
 call per kernel path and index type does a phase of all their layers. Float32 layers with one-
 or two-byte kernel indices, the common case, have entry points (compiled on first use, cached
 on disk); everything else keeps the Python thread pool of ``_fused``.
-``FGO_DISABLE_OMP_TEAM=1`` switches this off.
+``FGO_DISABLE_OMP_TEAM=1`` switches this off. ``load`` finds the runtime (``_fused`` asks once
+per process); where finding it, compiling an entry point or calling it fails, ``_fused`` warns
+once and runs on its thread pool. A descriptor's addresses point at arrays of the layer that
+owns it; those of a step's arrays are set by ``refresh`` and dropped by ``clear`` after the step.
 """
 
 from __future__ import annotations
@@ -29,15 +32,21 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from . import _fused3x3, _fused_columns
-from ._fused import (
-    FLAG_SCALED,
-    TEAM_BOUNDS,
-    TEAM_NORMS,
-    TEAM_UPDATE,
-    _jit,
-)
+from ._fused_flags import FLAG_SCALED, TEAM_BOUNDS, TEAM_NORMS, TEAM_UPDATE, _jit
 
-__all__ = ["BOUNDS", "KEYS", "NORMS", "UPDATE", "describe", "entry", "phase", "refresh", "run"]
+__all__ = [
+    "BOUNDS",
+    "KEYS",
+    "NORMS",
+    "UPDATE",
+    "clear",
+    "describe",
+    "entry",
+    "load",
+    "phase",
+    "refresh",
+    "run",
+]
 
 BOUNDS, NORMS, UPDATE = TEAM_BOUNDS, TEAM_NORMS, TEAM_UPDATE
 # int64 descriptor of one phase of one layer
@@ -144,7 +153,10 @@ def _layers(table, is3x3, kidx_type, tid, nth):
 
 
 def _find_libgomp():
-    """torch's own GNU OpenMP runtime, if torch runs on it and has loaded it already."""
+    """torch's own GNU OpenMP runtime, loaded already; ``None`` where the team does not apply
+    (not Linux, switched off, torch not on OpenMP). Raises ``RuntimeError`` where torch runs on
+    OpenMP but no such runtime with the entry points is loaded from torch's ``lib`` folder
+    (another OpenMP runtime, a build that links it elsewhere)."""
     if sys.platform != "linux" or os.environ.get("FGO_DISABLE_OMP_TEAM", "0") == "1":
         return None
     if "OpenMP" not in torch.__config__.parallel_info():
@@ -155,42 +167,48 @@ def _find_libgomp():
             lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
         except OSError:
             continue
-        if all(
-            hasattr(lib, n) for n in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")
-        ):
+        if all(hasattr(lib, n) for n in ("GOMP_parallel", *_OMP_NAMES)):
             return lib
-    return None
+    raise RuntimeError(f"torch runs on OpenMP, but no loaded libgomp in {libdir} provides it")
 
 
-_LIB = _find_libgomp()
+_OMP_NAMES = ("omp_get_thread_num", "omp_get_num_threads")
 #: ``(path, kernel index dtype name)`` pairs with a team entry point (empty: no team here)
 KEYS: frozenset[tuple[str, str]] = frozenset()
 _ENTRIES: dict[tuple[str, str], int] = {}  # entry point addresses, compiled on first use
+_GOMP: list = []  # torch's ``GOMP_parallel``, once ``load`` found it
+# One entry point per (path, kernel index type), float32.
+_SIG = types.void(types.voidptr)
+_CF = {"nopython": True, "cache": True}
 
-if _LIB is not None:
-    # the cfuncs call these by name; resolve the names to torch's runtime before compiling
-    for _name in ("omp_get_thread_num", "omp_get_num_threads"):
-        llvm.add_symbol(_name, ctypes.cast(getattr(_LIB, _name), ctypes.c_void_p).value)
-    _GOMP_PARALLEL = _LIB.GOMP_parallel
-    _GOMP_PARALLEL.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-    _GOMP_PARALLEL.restype = None
 
-    # One entry point per (path, kernel index type), float32.
-    _SIG = types.void(types.voidptr)
-    _CF = {"nopython": True, "cache": True}
-
-    def _entry(is3x3, kidx_type):
-        """The team function for float32 layers of one path and kernel index type."""
-
-        @cfunc(_SIG, **_CF)
-        def entry(data):
-            layers = carray(data, (1,), np.int64)[0]
-            table = carray(data, (1 + layers * DESC_LEN,), np.int64)
-            _layers(table, is3x3, kidx_type, _omp_thread(), _omp_threads())
-
-        return entry
-
+def load() -> bool:
+    """Find torch's GNU OpenMP runtime and bind the names that the entry points call to it;
+    whether the team runs here. Raises where it should but cannot (see ``_find_libgomp``)."""
+    global KEYS
+    lib = _find_libgomp()
+    if lib is None:
+        return False
+    for name in _OMP_NAMES:  # the cfuncs call these by name: torch's runtime, not another
+        llvm.add_symbol(name, ctypes.cast(getattr(lib, name), ctypes.c_void_p).value)
+    gomp_parallel = lib.GOMP_parallel
+    gomp_parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    gomp_parallel.restype = None
+    _GOMP[:] = [gomp_parallel]
     KEYS = frozenset((path, kidx) for path in ("3x3", "columns") for kidx in ("uint16", "int8"))
+    return True
+
+
+def _entry(is3x3, kidx_type):
+    """The team function for float32 layers of one path and kernel index type."""
+
+    @cfunc(_SIG, **_CF)
+    def entry(data):
+        layers = carray(data, (1,), np.int64)[0]
+        table = carray(data, (1 + layers * DESC_LEN,), np.int64)
+        _layers(table, is3x3, kidx_type, _omp_thread(), _omp_threads())
+
+    return entry
 
 
 def entry(key: tuple[str, str]) -> int:
@@ -208,7 +226,7 @@ def run(path: str, kidx_name: str, descs: list[np.ndarray], threads: int) -> Non
     """Run the phases described by ``descs`` (layers of one path and index type) on a team of
     ``threads`` threads: one team call for all of them. Blocks until done."""
     table = np.concatenate([np.array([len(descs)], np.int64), *descs])
-    _GOMP_PARALLEL(entry((path, kidx_name)), table.ctypes.data, threads, 0)
+    _GOMP[0](entry((path, kidx_name)), table.ctypes.data, threads, 0)
 
 
 def describe(*, k, n, kpr, align, kidx, tcode, pfac, need, hp):
@@ -230,6 +248,11 @@ def refresh(desc: np.ndarray, flags: int, x, g, m, s) -> None:
     """Update what may change between steps: the flags and the step's arrays."""
     desc[_FLAGS], desc[_X], desc[_G], desc[_M] = flags, x.ctypes.data, g.ctypes.data, m.ctypes.data
     desc[_S], desc[_LEN_S] = s.ctypes.data, s.size
+
+
+def clear(desc: np.ndarray) -> None:
+    """Forget the step's arrays (set by ``refresh``): no address of a freed array is kept."""
+    desc[[_X, _G, _M, _S, _LEN_S]] = 0
 
 
 def phase(
