@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from .collections import KernelCollection
+
 __all__ = ["install", "retire", "stepped_by"]
 
 #: Attribute set on a parameter object that ``wrap`` replaced: what it was.
@@ -61,8 +63,6 @@ def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> No
     if _checked.get(optimizer) == generation:
         return
     _checked[optimizer] = generation
-    from ._tagging import collection_of  # here: _tagging imports this module
-
     params = [p for group in optimizer.param_groups for p in group["params"]]
     stale = [p.__dict__[REPLACED_ATTR] for p in params if REPLACED_ATTR in p.__dict__]
     name = type(optimizer).__name__
@@ -79,7 +79,7 @@ def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> No
         getattr(optimizer, "base_optimizer", None), torch.optim.Optimizer
     ):
         return
-    manifold = [p for p in params if collection_of(p) is not None]
+    manifold = [p for p in params if isinstance(getattr(p, "manifold", None), KernelCollection)]
     if manifold:
         for p in manifold:
             p.__dict__[STEPPED_ATTR] = name

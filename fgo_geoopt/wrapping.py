@@ -43,6 +43,7 @@ from .collections import (
     layer_seed,
     resolve_strategy,
 )
+from .manifolds._base import default_atol
 
 __all__ = [
     "check",
@@ -259,6 +260,7 @@ def wrap(
         if getattr(current, "init_rms", None) is None and collection_of(p) is None:
             current.init_rms = _entry_rms(p)
         restore_or_tag(module, attr, current)
+        current.projected_dtype = p.dtype
         _share(owners, current)
     model.__dict__[_CONFIG_ATTR] = {
         "strategy": strategy,
@@ -298,8 +300,9 @@ def check(model: nn.Module, atol: float | None = None, rtol: float | None = None
     """Every problem of the weights of ``model`` (empty when all is well).
 
     Reports wrapped weights whose constraint does not hold within the tolerance (default from
-    ``torch.finfo`` of the weight's dtype), wrapped weights that lost their manifold tagging,
-    for example after ``model.to("meta")`` or a manual replacement (fix both with
+    ``torch.finfo`` of the weight's dtype, or of the dtype ``wrap`` / ``reproject`` projected
+    it in where that is coarser, as after ``model.double()``), wrapped weights that lost their
+    manifold tagging, for example after ``model.to("meta")`` or a manual replacement (fix both with
     :func:`reproject`), and every parameter with NaN or inf entries, wrapped or not (Euclidean
     kernels of a collection and plain parameters included; no projection fixes those).
     """
@@ -313,7 +316,16 @@ def check(model: nn.Module, atol: float | None = None, rtol: float | None = None
             continue
         if id(p) in bad:
             continue  # reported below; NaN makes every constraint fail
-        why = coll.violations(p.detach(), atol=atol, rtol=rtol)
+        tol_a, tol_r = atol, rtol
+        projected = getattr(coll, "projected_dtype", None)
+        if projected is not None and torch.finfo(projected).eps > torch.finfo(p.dtype).eps:
+            # Projected in a coarser dtype than it is stored in now (``model.double()`` after
+            # wrap): the constraint holds to that dtype's rounding until a step or
+            # ``reproject`` redoes it in the new one.
+            tol = default_atol(projected)
+            tol_a = tol if atol is None else atol
+            tol_r = tol if rtol is None else rtol
+        why = coll.violations(p.detach(), atol=tol_a, rtol=tol_r)
         if why and (by := _misuse.stepped_by(p)) is not None:
             why.append(
                 f"it was stepped by {by}, which is not a Riemannian optimizer: "
@@ -346,6 +358,9 @@ def reproject(model: nn.Module) -> nn.Module:
     """
     for _, module, attr, coll in list(wrapped_entries(model)):
         restore(module, attr, coll, force=True)
+        p = module._parameters.get(attr)
+        if p is not None:
+            coll.projected_dtype = p.dtype
     return model
 
 

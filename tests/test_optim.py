@@ -27,7 +27,7 @@ needs_numba = pytest.mark.skipif(not _fused.AVAILABLE, reason="numba fused backe
 GROUPINGS = ("pi", "po", "pio", "single", "st", "poms_st", "pio3", "pio4")
 # A 3x3 conv, a factorised 1x7 conv, a 1x1 conv and a Linear layer (the last two: filter view).
 LAYERS = ((4, 4, 3, 3), (3, 3, 1, 7), (4, 3, 1, 1), (3, 5))
-NEW_GROUP_KEYS = ("maximize", "adaptive_step", "nonfinite", "backend", "stabilize")
+NEW_GROUP_KEYS = ("maximize", "adaptive_step", "nonfinite", "backend", "stabilize", "metric")
 # Hypothesis with the function-scoped (but stateless) `device` fixture.
 FIXTURE_OK = [*settings().suppress_health_check, HealthCheck.function_scoped_fixture]
 
@@ -438,8 +438,9 @@ def test_old_state_dict_without_new_keys_loads_and_steps(backend):
         "maximize": False,
         "adaptive_step": True,
         "nonfinite": "skip",
-        "backend": "auto",
+        "backend": backend,  # the loading optimizer's own, never a saved one
         "stabilize": None,
+        "metric": "unit",
     }
     assert fresh.nonfinite_count == 0
     group["backend"] = backend

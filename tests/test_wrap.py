@@ -474,3 +474,20 @@ def test_rescale_attaches_a_rescaler():
     fg.wrap(model, rescale=True)  # replaces the rescaler, scales kept
     assert model.fgo_rescaler is not rescaler and not rescaler.attached
     assert fg.check(model) == []
+
+
+def test_check_after_double_uses_the_projection_dtype():
+    # Projected in float32, stored in float64 after model.double(): the float32 rounding of
+    # the projection is not a violation; a real violation still is.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, bias=False))
+    fg.wrap(model, "pio3")
+    model.double()
+    assert fg.check(model) == []
+    with torch.no_grad():
+        model[0].weight.mul_(1.01)
+    assert fg.check(model)
+    # reproject in float64 tightens the tolerance again
+    fg.reproject(model)
+    assert fg.check(model) == []
+    assert model[0].weight.manifold.projected_dtype == torch.float64

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -577,9 +578,9 @@ def _warn_fallback_once(coll: KernelCollection, p: torch.Tensor) -> None:
     the batched torch ops, tens of times slower there than the fused step."""
     if not _fused.AVAILABLE:
         reason = (
-            "numba is not importable"
-            if _fused.numba is None
-            else "FGO_DISABLE_NUMBA=1 switches the fused step off"
+            "FGO_DISABLE_NUMBA=1 switches the fused step off"
+            if os.environ.get("FGO_DISABLE_NUMBA", "0") == "1"
+            else "numba is not importable"
         )
     elif p.dtype not in (torch.float32, torch.float64):
         reason = f"the fused step takes float32 / float64 weights, not {p.dtype}"
