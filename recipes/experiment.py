@@ -28,7 +28,7 @@ from .data import DataError, canonical_dataset, create_datasets
 from .distributed import DistEnv, broadcast_object, init_distributed
 from .outputs import plot_comparison, write_csv, write_text
 from .run import RunSpec, plain_args, run_name, train_run
-from .table import collect, results_table
+from .tables import collect, results_table
 
 __all__ = ["plan_runs", "run_experiment", "validate_runs"]
 

@@ -350,7 +350,7 @@ def run_sweep(opts: argparse.Namespace, train_argv: Sequence[str]) -> Path:
 def format_table(dataset: str, rows: Sequence[Row], results, opts) -> str:
     """Markdown table: chosen lr, test error and final train loss (mean +- std over seeds),
     with the paper's ResNet-50 ImageNet error beside the Table 3 rows."""
-    from recipes.table import PAPER_TABLE3
+    from recipes.tables import PAPER_TABLE3
 
     paper = PAPER_TABLE3["resnet50"]
     lines = [
