@@ -11,7 +11,7 @@ For every dataset and every row (a Table 3 preset or an ablation of one):
    split, and report the test error at the last epoch (never the best epoch) as mean +- std.
 
 With no arguments it runs the offline study of ``docs/recipes.md`` on the two embedded datasets
-(``mnist5k``, ``digits``): about 25 minutes on 2 CPU cores::
+(``mnist5k``, ``digits``): 27 minutes on 2 CPU cores::
 
     python recipes/sweep.py
     python recipes/sweep.py --datasets digits --rows euc pio4 --lrs 0.05 0.1 0.2 --seeds 0 1 2
