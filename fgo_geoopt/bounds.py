@@ -17,7 +17,7 @@ that ``l2->1`` sums the norms of output units as in Bartlett et al. (2017) (the 
 concatenation would make it an l1 norm of the filter). Frobenius and spectral norms do not
 depend on the orientation.
 
-Bounds (``FGSGD_SPEC`` sec. 5; ``delta`` = the measured norms; all reported as ``log10``):
+Bounds (``docs/bounds.md``; ``delta`` = the measured norms; all reported as ``log10``):
 
 .. code-block:: text
 

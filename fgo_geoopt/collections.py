@@ -79,7 +79,7 @@ def _pick_view(shape: tuple[int, ...], kernel: str) -> str:
     if kernel == "euclidean":
         return "filter" if len(shape) == 2 or shape[2] * shape[3] == 1 else "spatial"
     # auto: 1x1 convs and linear layers have no spatial kernel worth constraining
-    # (a 1x1 kernel on the sphere is +-1), so they use the filter view (FGSGD_SPEC, sec. 1).
+    # (a 1x1 kernel on the sphere is +-1), so they use the filter view (docs/design.md).
     if len(shape) == 2 or shape[2] * shape[3] == 1:
         return "filter"
     return "spatial"
@@ -143,7 +143,7 @@ class KernelCollection(geoopt.Manifold):
     1 in the filter view, where kernel ``d`` is the whole filter ``W[d]`` as an ``(L, 1)``
     column). Each kernel belongs to one POM, and each POM to one registered per-kernel manifold.
 
-    Re-scaling (``FGSGD_SPEC`` sec. 3): with scales ``R`` per input channel set by
+    Re-scaling (``docs/rescaling.md``): with scales ``R`` per input channel set by
     :meth:`set_scale`, the stored weight is ``W = R * w`` with ``w`` on the manifolds. Every
     method takes and returns stored (scaled) coordinates and works in unit coordinates inside;
     the metric is the pull-back ``<U, V>_W = <U / R, V / R>``. Euclidean kernels are never

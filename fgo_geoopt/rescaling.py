@@ -1,6 +1,6 @@
 """The re-scaling reparameterization of FG-SGD: ``R = gamma / lambda`` per input channel.
 
-Two-stage renormalisation (Ozay 2019; ``FGSGD_SPEC`` sec. 3): the manifold constraint
+Two-stage renormalisation (Ozay 2019; ``docs/rescaling.md``): the manifold constraint
 normalises every kernel ``w`` (stage 1), and the layer uses ``R * w`` (stage 2) with
 ``R[c, l] = gamma[l] / lambda[c, l]``: ``lambda`` is the standard deviation of input channel
 ``c`` of layer ``l`` measured during the last epoch and ``gamma`` a constant of the layer.
@@ -50,7 +50,7 @@ def _fans(weight: torch.Tensor) -> tuple[int, int]:
 
 
 def fan_gamma(module: nn.Module, collection: KernelCollection) -> float:
-    r"""The default ``gamma = sqrt(1 / (fan_in + fan_out))`` (``FGSGD_SPEC`` sec. 3).
+    r"""The default ``gamma = sqrt(1 / (fan_in + fan_out))`` (``docs/design.md``).
 
     The paper's own formula for the geometric constant could not be read; this Glorot-like
     constant is our [decision]. With ``R = gamma / lambda`` the effective kernel applied to a
@@ -277,7 +277,7 @@ class Rescaler:
     .. code-block:: text
 
         lambda[c] = max(std(x[:, c]), floor * mean_c std(x[:, c]))
-        R[c]      = gamma / lambda[c]            # FGSGD_SPEC sec. 3
+        R[c]      = gamma / lambda[c]            # Ozay 2019, re-scaling
         W        <- W / R_old * R               # constrained kernels; Euclidean ones untouched
 
     Grouped convolutions (weight ``(c_out, c_in / groups, k_h, k_w)``): weight channel ``j``

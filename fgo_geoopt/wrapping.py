@@ -214,7 +214,7 @@ def wrap(
         kernel: Kernel view passed to :func:`~fgo_geoopt.build_collection` (``auto``,
             ``spatial``, ``filter``, ``euclidean``).
         rescale: Also attach a :class:`fgo_geoopt.rescaling.Rescaler` as
-            ``model.fgo_rescaler`` (the re-scaling of ``FGSGD_SPEC`` sec. 3; call its
+            ``model.fgo_rescaler`` (the re-scaling of ``docs/rescaling.md``; call its
             ``update()`` at the end of every epoch). A later ``wrap`` call without
             ``rescale`` keeps existing scales.
 

@@ -312,7 +312,7 @@ def train_run(args: argparse.Namespace, spec: RunSpec, data: DataInfo, env: Dist
         gen.manual_seed((seed * 1_000_003 + epoch) * 4_099 + env.rank)
         t_epoch = time.time()
         if rescaler is not None and args.rescale and epoch > 0:
-            # R = gamma / lambda from the statistics of the previous epoch (FGSGD_SPEC sec. 3),
+            # R = gamma / lambda from the statistics of the previous epoch (docs/rescaling.md),
             # set before this epoch trains: batch-norm statistics then follow the new scales
             # before anything is evaluated.
             rescaler.update()

@@ -68,7 +68,7 @@ def param_groups(
        fnmatch patterns as in timm).
     2. Euclidean parameters with ``weight_decay``.
     3. Manifold parameters whose kernels are all constrained: ``weight_decay=0`` (a fixed-norm
-       kernel has nothing to decay, ``FGSGD_SPEC`` sec. 4.5).
+       kernel has nothing to decay, ``docs/design.md``).
     4. Collections that also hold Euclidean kernels (``pio4``): ``weight_decay``, which
        :class:`~fgo_geoopt.FGSGD` applies to their Euclidean kernels only. With
        ``euclidean_kernel_decay=False`` these join group 3 instead.
