@@ -123,7 +123,7 @@ class StepRecorder:
         if self._before is not None:
             self._measure(optimizer)
             self._before = None
-        if self.calls % self.every == 0 or self.every == 1:
+        if self.calls % self.every == 0:
             self._snapshot()
 
     def snapshot(self) -> None:
@@ -169,6 +169,10 @@ class StepRecorder:
     def rows(self) -> list[dict[str, Any]]:
         """Every recorded ``(step, layer, type)`` row, with :data:`DIAGNOSTIC_FIELDS` keys."""
         return [dict(r) for r in self._rows]
+
+    def extend(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Append rows recorded earlier (e.g. :func:`read_csv` of a run being resumed)."""
+        self._rows.extend(dict(r) for r in rows)
 
     def clear(self) -> None:
         """Forget the recorded rows (the snapshot, if any, is kept)."""

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 import fgo_geoopt
 from fgo_geoopt import bounds as fg_bounds
 from fgo_geoopt.diagnostics import StepRecorder
+from fgo_geoopt.diagnostics import read_csv as read_diagnostics
 
 from . import models as _models  # noqa: F401  (registers the CIFAR ResNets with timm)
 from .checkpoint import atomic_copy, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -148,7 +149,7 @@ def create_run_model(
                 raise RuntimeError("the POM groupings differ between ranks; check --fg-seed")
     if resume is not None:
         model.load_state_dict(resume["model"])
-    matched = getattr(args, "fg_lr_rule", "paper") == "matched"
+    matched = args.fg_lr_rule == "matched"
     if fg and (args.rescale or matched):
         from fgo_geoopt.rescaling import Rescaler
 
@@ -167,8 +168,8 @@ def _optimizer(args: argparse.Namespace, row: str, model: nn.Module) -> torch.op
     extra = {}
     if fg:
         extra = {
-            "metric": "stored" if getattr(args, "fg_lr_rule", "paper") == "matched" else "unit",
-            "adaptive_step": getattr(args, "adaptive_step", True),
+            "metric": "stored" if args.fg_lr_rule == "matched" else "unit",
+            "adaptive_step": args.adaptive_step,
         }
     return create_optimizer_v2(
         model,
@@ -302,8 +303,16 @@ def train_run(args: argparse.Namespace, spec: RunSpec, data: DataInfo, env: Dist
         run_args = plain_args(args, fg_strategy=[row], seed=seed, seeds=[seed])
         write_text(run_dir / "args.yaml", yaml.safe_dump(run_args, sort_keys=False))
     progress = env.is_main and not args.no_progress
-    every = int(getattr(args, "diagnostics_every", 0) or 0)
-    recorder = StepRecorder(model, every=every) if env.is_main and every > 0 else None
+    recorder = None
+    if env.is_main and args.diagnostics_every > 0:
+        recorder = StepRecorder(model, every=args.diagnostics_every)
+        # A resumed run goes on counting steps and keeps the rows recorded before it stopped
+        # (the CSV is written with each checkpoint, so it matches the checkpoint).
+        recorder.calls = num_updates
+        if resume is not None and (spec.run_dir / "diagnostics.csv").is_file():
+            recorder.extend(read_diagnostics(spec.run_dir / "diagnostics.csv"))
+        if num_updates and num_updates % args.diagnostics_every == 0:
+            recorder.snapshot()  # the uninterrupted run took one here
     after_step = _after_step(model, model_ema, recorder, optimizer)
     t0 = time.time()
     for epoch in range(start_epoch, num_epochs):

@@ -69,6 +69,8 @@ def test_resume_after_interrupt_equals_the_uninterrupted_run(tmp_path, monkeypat
         "2",
         "--decay-epochs",
         "1",
+        "--diagnostics-every",
+        "3",  # a snapshot at the epoch end (step 3) that the resumed run must take again
         "--output",
         str(tmp_path),
     ]
@@ -97,6 +99,11 @@ def test_resume_after_interrupt_equals_the_uninterrupted_run(tmp_path, monkeypat
     assert fgo_geoopt.grouping_state(resumed).keys() == fgo_geoopt.grouping_state(full).keys()
     summary = (tmp_path / "cut" / "pio4-seed0" / "summary.csv").read_text()
     assert summary == (tmp_path / "full" / "pio4-seed0" / "summary.csv").read_text()
+    diagnostics = (tmp_path / "cut" / "pio4-seed0" / "diagnostics.csv").read_text()
+    # The step after the resume is recorded (wrapped layers skip it: the epoch-start re-scaling
+    # changed their scales, see fgo_geoopt.diagnostics).
+    assert "\n4,fc.weight" in diagnostics
+    assert diagnostics == (tmp_path / "full" / "pio4-seed0" / "diagnostics.csv").read_text()
 
 
 def test_bfloat16_amp_on_cpu_keeps_weights_on_their_manifolds(tmp_path):
