@@ -26,10 +26,20 @@ with warnings.catch_warnings():
 
     import fgo_geoopt
     from fgo_geoopt import FGSGD, build_collection
-    from fgo_geoopt.optim import _fused
+    from fgo_geoopt.optim._records import Hyper
+    from fgo_geoopt.optim.cpu import _jobs, _schedule
+    from fgo_geoopt.optim.cpu._plan import build_plan
 
-HYPER = {"lr": 0.01, "momentum": 0.9, "dampening": 0.0, "nesterov": False, "maximize": False}
-HYPER.update(weight_decay=0.0, adaptive=True, check=True, first=False)
+HYPER = Hyper(
+    lr=0.01,
+    momentum=0.9,
+    dampening=0.0,
+    nesterov=False,
+    maximize=False,
+    weight_decay=0.0,
+    adaptive=True,
+    check=True,
+)
 
 
 def layer_update(repeats: int) -> dict[str, float]:
@@ -37,6 +47,7 @@ def layer_update(repeats: int) -> dict[str, float]:
     k = coll.num_kernels
     x = coll.projx(torch.randn(512, 512, 3, 3)).view(k, 9).numpy()
     g, m = 0.01 * np.random.default_rng(0).standard_normal(x.shape, np.float32), np.zeros_like(x)
+    plan = build_plan(coll)
     busy = torch.randn(4_000_000)
     out = {}
     for name, threads, team in (
@@ -44,17 +55,17 @@ def layer_update(repeats: int) -> dict[str, float]:
         ("pool, 2 threads", 2, False),
         ("1 thread", 1, False),
     ):
-        saved = list(_fused._TEAM)
+        saved = list(_schedule._TEAM)
         if not team:
-            _fused._TEAM[:] = [None]
+            _schedule._TEAM[:] = [None]
         times = []
         for _ in range(repeats + 1):
             busy.mul_(1.0)  # a parallel torch op: its workers now spin
-            job = _fused.FusedJob(coll, x, g, m, **HYPER)
+            job = _jobs.FusedJob(coll, plan, {}, x, g, m, HYPER, False, key=0, state=None)
             t0 = time.perf_counter()
-            _fused.run_jobs([job], threads)
+            _schedule.run_jobs([job], threads)
             times.append(time.perf_counter() - t0)
-        _fused._TEAM[:] = saved
+        _schedule._TEAM[:] = saved
         out[name] = statistics.median(times[1:]) * 1e3
     return out
 
@@ -65,7 +76,7 @@ def training_parts(steps: int, rescale: bool = False) -> dict[str, float]:
     fgo_geoopt.wrap(model, "pio4", seed=0, rescale=rescale)
     opt = FGSGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(32, 3, 64, 64), torch.randint(0, 1000, (32,))
-    team = _fused._team_module()
+    team = _schedule._team_module()
     parts: dict[str, float] = collections.defaultdict(float)
     names = {0: "bounds", 1: "exact norms", 2: "update"}
 
@@ -84,8 +95,8 @@ def training_parts(steps: int, rescale: bool = False) -> dict[str, float]:
         team.run = timed(
             lambda path, kidx, descs, th: f"team {path} {names[int(descs[0][0])]}", run
         )
-    parallel = _fused._parallel
-    _fused._parallel = timed("thread pool", parallel)
+    parallel = _schedule._parallel
+    _schedule._parallel = timed("thread pool", parallel)
     try:
         for i in range(steps + 2):
             opt.zero_grad(set_to_none=True)
@@ -96,7 +107,7 @@ def training_parts(steps: int, rescale: bool = False) -> dict[str, float]:
             opt.step()
             parts["whole step"] += time.perf_counter() - t0
     finally:
-        _fused._parallel = parallel
+        _schedule._parallel = parallel
         if team is not None:
             team.run = run
     return {name: total / steps * 1e3 for name, total in parts.items()}
@@ -112,7 +123,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print("team available:", _fused._team_module() is not None)
+    print("team available:", _schedule._team_module() is not None)
     print("512x512x3x3 update right after a torch op, ms:")
     for name, ms in layer_update(args.repeats).items():
         print(f"  {name:18s} {ms:7.2f}")

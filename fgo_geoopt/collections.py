@@ -194,15 +194,20 @@ class KernelCollection(geoopt.Manifold):
         # Entry rms of the weight before it was first projected (set by ``wrap``): what
         # ``rescaling.matched_gamma`` restores the stored weights to.
         self.init_rms: float | None = None
-        self._cache: dict[Any, Any] = {}
+        # ``elem_scale`` per (device, dtype); emptied by ``set_scale``. The optimizer keeps its
+        # own caches (plans, index tensors, buffers) in its workspace, not here.
+        self._scale_cache: dict[Any, torch.Tensor] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        # Copies and pickles start with an empty cache: it holds per-step buffers of the
-        # optimizer and raw addresses of them (the fused step's team descriptors), which must
-        # not be shared with, or point into, the original.
         state = dict(super().__getstate__())
-        state["_cache"] = {}
+        state["_scale_cache"] = {}  # copies start empty (rebuilt on first use)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state.pop("_cache", None)  # pickles of earlier versions
+        state.setdefault("_scale_cache", {})
+        super().__setstate__(state)
 
     # ------------------------------------------------------------------ grouping data
     def _set_grouping(self, kernel_pom: torch.Tensor, pom_type: torch.Tensor) -> None:
@@ -264,15 +269,9 @@ class KernelCollection(geoopt.Manifold):
         return self.pom_type.long()[self.kernel_pom]
 
     def _indices(self, device: torch.device) -> dict[str, Any]:
-        """Index tensors of the batched path on ``device``.
-
-        On an accelerator they are built once and cached (about 24 bytes per kernel, and no
-        host sync per step). On the CPU, where the fused step does not need them, they are
-        rebuilt per call, so that the optimizer state stays near ``torch.optim.SGD``'s size.
-        """
-        key = ("idx", str(device))
-        if key in self._cache:
-            return self._cache[key]
+        """Index tensors of the batched path on ``device``: per manifold type, its kernels,
+        their POMs and their positions in a weight row. Built per call (a host sync on an
+        accelerator): the optimizer's backends keep them in their own caches."""
         kernel_pom = self.kernel_pom
         ktype = self.pom_type.long()[kernel_pom]
         per_type = []
@@ -287,10 +286,7 @@ class KernelCollection(geoopt.Manifold):
                         (idx % self.kernels_per_row).to(device),
                     )
                 )
-        out = {"per_type": per_type}
-        if torch.device(device).type != "cpu":
-            self._cache[key] = out
-        return out
+        return {"per_type": per_type}
 
     # ------------------------------------------------------------------ re-scaling
     def set_scale(self, scale: torch.Tensor | None) -> None:
@@ -309,20 +305,19 @@ class KernelCollection(geoopt.Manifold):
                 raise ValueError("scales must be finite and positive")
             scale = scale.to(torch.float64).clone()
         self.scale = scale
-        for key in [k for k in self._cache if k[0] == "scale"]:
-            del self._cache[key]
+        self._scale_cache = {}
 
     def elem_scale(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         """Scale of every entry of a weight row, ``(kernels_per_row, kernel_numel)``."""
         if self.scale is None:
             return None
-        key = ("scale", str(device), dtype)
-        if key not in self._cache:
+        key = (str(device), dtype)
+        if key not in self._scale_cache:
             flat = self.scale.repeat_interleave(self.channel_numel)
-            self._cache[key] = flat.view(self.kernels_per_row, self.kernel_numel).to(
+            self._scale_cache[key] = flat.view(self.kernels_per_row, self.kernel_numel).to(
                 device=device, dtype=dtype
             )
-        return self._cache[key]
+        return self._scale_cache[key]
 
     # ------------------------------------------------------------------ batched dispatch
     def _kernels(self, x: torch.Tensor) -> torch.Tensor:

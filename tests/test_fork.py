@@ -27,11 +27,11 @@ from torch.utils.data import DataLoader, Dataset
 
 import fgo_geoopt
 from fgo_geoopt import FGSGD
-from fgo_geoopt.optim import _fused
+from fgo_geoopt.optim import cpu
 
 pytestmark = [
     pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform"),
-    pytest.mark.skipif(not _fused.AVAILABLE, reason="numba fused backend unavailable"),
+    pytest.mark.skipif(not cpu.AVAILABLE, reason="numba fused backend unavailable"),
 ]
 
 JOIN_S = 60  # a child that takes longer than this is taken to hang

@@ -1,4 +1,4 @@
-"""The 16-kernel step in registers (``_fused16``) against the tile code of ``_fused3x3``."""
+"""The 16-kernel step in registers (``_vec16``) against the tile code of ``_tiles3x3``."""
 
 from __future__ import annotations
 
@@ -7,33 +7,35 @@ import pytest
 import torch
 
 from fgo_geoopt import build_collection
-from fgo_geoopt.optim import _fused
+from fgo_geoopt.optim import cpu
 
-pytestmark = pytest.mark.skipif(not _fused.AVAILABLE, reason="numba fused backend unavailable")
+pytestmark = pytest.mark.skipif(not cpu.AVAILABLE, reason="numba fused backend unavailable")
 
-if _fused.AVAILABLE:
+if cpu.AVAILABLE:
     from numba import njit
 
-    from fgo_geoopt.optim import _fused3x3, _fused_flags, _maths3x3
-    from fgo_geoopt.optim._fused import (
+    from fgo_geoopt.optim._state import to_tiles
+    from fgo_geoopt.optim.cpu import _flags, _maths3x3, _tiles3x3
+    from fgo_geoopt.optim.cpu._flags import (
         FLAG_ADAPTIVE,
         FLAG_CHECK,
         FLAG_OWN,
         FLAG_SCALED,
         FLAG_USE_MOM,
     )
-    from fgo_geoopt.optim._fused16 import step16
-    from fgo_geoopt.optim._layout import TILE, to_tiles
+    from fgo_geoopt.optim.cpu._layout import TILE
+    from fgo_geoopt.optim.cpu._plan import build_plan
+    from fgo_geoopt.optim.cpu._vec16 import step16
 
     @njit(cache=False)
     def _tiles_only(x, g, m, s, kpr, kidx, tcode, pfac, hp, flags):
         """Every kernel through ``_tile_part`` (the general code), none through ``step16``."""
-        bufs = _fused3x3.tile_buffers(x)
+        bufs = _tiles3x3.tile_buffers(x)
         mf = m.reshape(-1)
         skipped = 0
         for t0 in range(0, x.shape[0], TILE):
             nt = min(TILE, x.shape[0] - t0)
-            skipped += _fused3x3._tile_part(
+            skipped += _tiles3x3._tile_part(
                 x, g, mf, s, kpr, kidx, tcode, pfac, t0, nt, 0, nt, hp, flags, bufs
             )
         return skipped
@@ -41,8 +43,8 @@ if _fused.AVAILABLE:
     @njit(cache=False, error_model="numpy")  # 1 / 0 is inf, as in the fused step
     def _both_retractions(tp, y, hp):
         """``_retract`` (CGS2) and ``_retract_gram`` (Cholesky QR) of one kernel ``y``."""
-        zero, one = hp[_fused_flags._ZERO], hp[_fused_flags._ONE]
-        tiny2, eps16sq = hp[_fused_flags._TINY2], hp[_fused_flags._EPS16SQ]
+        zero, one = hp[_flags._ZERO], hp[_flags._ONE]
+        tiny2, eps16sq = hp[_flags._TINY2], hp[_flags._EPS16SQ]
         yt = (y[0], y[1], y[2], y[3], y[4], y[5], y[6], y[7], y[8])
         a, bad_a = _maths3x3._retract(tp, zero, one, tiny2, eps16sq, yt)
         b, bad_b = _maths3x3._retract_gram(tp, zero, one, 0.25, tiny2, eps16sq, yt)
@@ -69,18 +71,18 @@ def _layer(shape, strategy, dtype, manifolds=None, seed=0):
     """A layer's collection, fused plan and ``(x, g, m)`` as ``(K, 9)`` arrays (``m`` tangent
     and tile-major)."""
     coll = build_collection(shape, strategy, manifolds=manifolds, seed=seed)
-    plan = _fused._plan(coll)
+    plan = build_plan(coll)
     gen = torch.Generator().manual_seed(seed)
     k = coll.num_kernels
     x = coll.projx(torch.randn(shape, generator=gen, dtype=torch.float64))
     g = torch.randn(shape, generator=gen, dtype=torch.float64)
     m = coll.proju(x, torch.randn(shape, generator=gen, dtype=torch.float64))
     x, g, m = (t.reshape(k, 9).to(getattr(torch, np.dtype(dtype).name)) for t in (x, g, m))
-    return coll, plan, (x.numpy(), g.numpy(), to_tiles(m).numpy())
+    return coll, plan, (x.numpy(), g.numpy(), to_tiles(m, TILE).numpy())
 
 
 def _hyper(dtype, nesterov=False, maximize=False, weight_decay=0.0):
-    return _fused_flags.hyper_array(
+    return _flags.hyper_array(
         dtype,
         lr=0.3,
         c_old=0.9,
@@ -114,13 +116,13 @@ def test_pass2_equals_the_tile_code(dtype, strategy, manifolds, shape, options):
     scaled = options.pop("scaled", False)
     coll, plan, (x, g, m) = _layer(shape, strategy, dtype, manifolds)
     own = coll.pom_ptr is None
-    kidx, tcode, kpr = plan["kidx"], plan["tcode"], coll.kernels_per_row
+    kidx, tcode, kpr = plan.kidx, plan.tcode, coll.kernels_per_row
     s = np.ones(1, dtype)
     if scaled:  # the stored weights are R w (Euclidean kernels unscaled)
         s = np.random.default_rng(2).uniform(0.05, 2.0, kpr).astype(dtype)
         codes = tcode[kidx]
         for k in range(len(x)):
-            if codes[k] != _fused.EUCLIDEAN:
+            if codes[k] != _flags.EUCLIDEAN:
                 x[k] *= s[k % kpr]
     pfac = np.ones(1 if own else coll.num_poms, dtype)
     if own:
@@ -140,7 +142,7 @@ def test_pass2_equals_the_tile_code(dtype, strategy, manifolds, shape, options):
     want_skipped = _tiles_only(want_x, g, want_m, s, kpr, kidx, tcode, pfac, hp, flags)
     got_x, got_m = x.copy(), m.copy()
     args = (got_x, g, got_m, s, kpr, kidx, tcode, pfac, 0, coll.num_kernels, hp)
-    got_skipped = _fused3x3.pass2(*args, flags)
+    got_skipped = _tiles3x3.pass2(*args, flags)
     assert got_skipped == want_skipped == len(skipped_kernels)
     assert not np.array_equal(got_x, x)  # the step moved the weights
     single = dtype == np.float32
@@ -183,21 +185,21 @@ def test_gram_retraction_equals_gram_schmidt(dtype):
                 out, bad_a, bad_b = _both_retractions(tp, y, hp)
                 assert not bad_a
                 if bad_b:  # only Stiefel kernels far from the manifold are handed back
-                    assert tp == _fused.STIEFEL and spread > 0.1
+                    assert tp == _flags.STIEFEL and spread > 0.1
                     continue
                 np.testing.assert_allclose(out[1], out[0], **tol)
                 compared += 1
     assert compared > 550  # of 600
     # Stiefel: column 1 almost along column 0 (Gram-Schmidt copes, Cholesky hands back)
     y = np.array([1.0, 0.99, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0, 1.0], dtype)
-    _, bad_a, bad_b = _both_retractions(_fused.STIEFEL, y, hp)
+    _, bad_a, bad_b = _both_retractions(_flags.STIEFEL, y, hp)
     assert not bad_a and bad_b
     # degenerate for both: a zero column (Stiefel, oblique), a zero kernel (sphere)
     y = np.array([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0], dtype)
-    for tp in (_fused.STIEFEL, _fused.OBLIQUE):
+    for tp in (_flags.STIEFEL, _flags.OBLIQUE):
         assert _both_retractions(tp, y, hp)[1:] == (True, True)
-    assert _both_retractions(_fused.SPHERE, np.zeros(9, dtype), hp)[1:] == (True, True)
-    assert _both_retractions(_fused.EUCLIDEAN, np.zeros(9, dtype), hp)[1:] == (False, False)
+    assert _both_retractions(_flags.SPHERE, np.zeros(9, dtype), hp)[1:] == (True, True)
+    assert _both_retractions(_flags.EUCLIDEAN, np.zeros(9, dtype), hp)[1:] == (False, False)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -205,7 +207,7 @@ def test_step16_hands_back_groups_it_cannot_do(dtype):
     """A plain group is stepped in place; a group with a degenerate retraction (a Stiefel
     kernel with a zero column) or a skipped POM is left untouched (``False``)."""
     _, plan, (x, g, m) = _layer((8, 8, 3, 3), "st", dtype)
-    kidx, tcode = plan["kidx"], plan["tcode"]
+    kidx, tcode = plan.kidx, plan.tcode
     hp = _hyper(dtype)
     fac = np.ones(16, dtype)
     x0, m0 = x.copy(), m.copy()
@@ -217,7 +219,7 @@ def test_step16_hands_back_groups_it_cannot_do(dtype):
     g[20] = 0.0
     before = x.copy(), m.copy()
     no_momentum = hp.copy()
-    no_momentum[_fused_flags._C_OLD] = 0.0  # the kernel does not move: its retraction degenerates
+    no_momentum[_flags._C_OLD] = 0.0  # the kernel does not move: its retraction degenerates
     assert not _step_group(x, g, m, 16, kidx, tcode, fac, no_momentum, FLAG_OWN)
     np.testing.assert_array_equal(x, before[0])
     np.testing.assert_array_equal(m, before[1])

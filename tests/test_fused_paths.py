@@ -13,10 +13,14 @@ import pytest
 import torch
 
 from fgo_geoopt import FGSGD, build_collection
-from fgo_geoopt.optim import _fused
-from fgo_geoopt.optim._layout import TILE, from_tiles, to_tiles
+from fgo_geoopt.optim import cpu
+from fgo_geoopt.optim._state import from_tiles, to_tiles
+from fgo_geoopt.optim.cpu._layout import TILE
 
-needs_numba = pytest.mark.skipif(not _fused.AVAILABLE, reason="numba fused backend unavailable")
+if cpu.AVAILABLE:
+    from fgo_geoopt.optim.cpu import _jobs, _schedule
+
+needs_numba = pytest.mark.skipif(not cpu.AVAILABLE, reason="numba fused backend unavailable")
 
 
 def _param(shape, preset, seed=0):
@@ -34,8 +38,8 @@ def _grads(shape, steps, seed=1):
 @pytest.mark.parametrize("num_kernels", [1, TILE - 1, TILE, 2 * TILE + 44])
 def test_tile_layout_round_trip_and_positions(num_kernels):
     buf = torch.arange(num_kernels * 9, dtype=torch.float64).view(num_kernels, 9)
-    tiled = to_tiles(buf)
-    assert torch.equal(from_tiles(tiled), buf)
+    tiled = to_tiles(buf, TILE)
+    assert torch.equal(from_tiles(tiled, TILE), buf)
     flat = tiled.view(-1)
     for k in {0, num_kernels - 1, min(TILE, num_kernels - 1)}:
         t0 = k - k % TILE
@@ -138,20 +142,20 @@ def test_gradient_bounds_shortcut_matches_the_torch_path(shape, preset):
         fused.grad, plain.grad = g.clone(), g.clone()
         opt_a.step()
         opt_b.step()
-        plan_states.append(opt_a.state[fused].get(_fused.EXACT_STATE, 0))
+        plan_states.append(opt_a.state[fused].get(_jobs.EXACT_STATE, 0))
         torch.testing.assert_close(fused.detach(), plain.detach(), rtol=0, atol=1e-12)
         torch.testing.assert_close(
             opt_a.momentum_buffer(fused), opt_b.momentum_buffer(plain), rtol=0, atol=1e-12
         )
     assert plan_states[:2] == [0, 0]  # settled by the bounds
-    assert plan_states[2] == _fused.EXACT_STEPS  # the bounds settled too little
-    assert plan_states[3:] == [_fused.EXACT_STEPS - 1, _fused.EXACT_STEPS - 2]
+    assert plan_states[2] == _jobs.EXACT_STEPS  # the bounds settled too little
+    assert plan_states[3:] == [_jobs.EXACT_STEPS - 1, _jobs.EXACT_STEPS - 2]
 
 
 def _team_or_skip():
-    from fgo_geoopt.optim import _team  # a broken team module fails here, loudly
+    from fgo_geoopt.optim.cpu import _team  # a broken team module fails here, loudly
 
-    if _fused._team_module() is None:
+    if _schedule._team_module() is None:
         pytest.skip("torch does not run on its own GNU OpenMP here: no team path")
     assert _team.KEYS
     return _team
@@ -176,7 +180,7 @@ def test_torch_openmp_team_matches_the_thread_pool(shape, preset, scaled, monkey
     if torch.get_num_threads() < 2:
         pytest.skip("one thread: no team")
     coll = build_collection(shape, preset, seed=7)
-    assert coll.num_kernels * coll.kernel_numel >= _fused.TEAM_MIN_NUMEL
+    assert coll.num_kernels * coll.kernel_numel >= _schedule.TEAM_MIN_NUMEL
     gen = torch.Generator().manual_seed(8)
     if scaled:
         coll.set_scale(0.5 + torch.rand(coll.in_channels, generator=gen, dtype=torch.float64))
@@ -198,7 +202,7 @@ def test_torch_openmp_team_matches_the_thread_pool(shape, preset, scaled, monkey
             if mode == "team":
                 patch.setattr(team, "run", counting_run)
             if mode == "pool":
-                patch.setattr(_fused, "_TEAM", [None])
+                patch.setattr(_schedule, "_TEAM", [None])
             for g in grads:
                 p.grad = g.clone()
                 opt.step()
@@ -220,7 +224,7 @@ def test_parameters_sharing_a_collection_and_copies_of_a_used_one(mode, monkeypa
     if mode == "team":
         _team_or_skip()
     else:
-        monkeypatch.setattr(_fused, "_TEAM", [None])
+        monkeypatch.setattr(_schedule, "_TEAM", [None])
     shape = (64, 32, 3, 3)  # large enough for the team
     coll = build_collection(shape, "pio4", seed=0)
     gen = torch.Generator().manual_seed(1)
@@ -240,17 +244,21 @@ def test_parameters_sharing_a_collection_and_copies_of_a_used_one(mode, monkeypa
             opt_ref.step()
             for p, q in zip(fused_params, ref, strict=True):
                 torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+        return opt
 
     def param(manifold):
         return geoopt.ManifoldParameter(
             manifold.projx(torch.randn(shape, generator=gen)), manifold=manifold
         )
 
-    run([param(coll), param(coll)], steps=4)
-    assert coll._cache["fused"]["reuse"]  # used: per-parameter buffers are cached
+    opt = run([param(coll), param(coll)], steps=4)
+    # used: per-parameter buffers are kept, by the optimizer (not by the collection)
+    assert len(opt._workspace.of(coll)["cpu plan"].layers) == 2
+    assert not hasattr(coll, "_cache")
     copied = copy.deepcopy(coll)
-    assert copied._cache == {}
-    run([param(copied), param(coll)], steps=3)
+    opt = run([param(copied), param(coll)], steps=3)
+    plans = [opt._workspace.of(c)["cpu plan"] for c in (copied, coll)]
+    assert plans[0] is not plans[1] and len(plans[0].layers) == len(plans[1].layers) == 1
 
 
 @needs_numba
@@ -263,7 +271,7 @@ def test_step_keeps_no_reference_to_gradients(mode, shape, monkeypatch):
     if mode == "team":
         _team_or_skip()
     else:
-        monkeypatch.setattr(_fused, "_TEAM", [None])
+        monkeypatch.setattr(_schedule, "_TEAM", [None])
     coll = build_collection(shape, "pio4", seed=0)
     gen = torch.Generator().manual_seed(1)
     p = geoopt.ManifoldParameter(coll.projx(torch.randn(shape, generator=gen)), manifold=coll)
@@ -276,8 +284,8 @@ def test_step_keeps_no_reference_to_gradients(mode, shape, monkeypatch):
             def failing(*args, **kwargs):
                 raise RuntimeError("stop")
 
-            monkeypatch.setattr(_fused, "_parallel", failing)
-            monkeypatch.setattr(_fused, "_TEAM", [None])
+            monkeypatch.setattr(_schedule, "_parallel", failing)
+            monkeypatch.setattr(_schedule, "_TEAM", [None])
             with pytest.raises(RuntimeError, match="stop"):
                 opt.step()
         else:
@@ -293,13 +301,13 @@ def test_step_keeps_no_reference_to_gradients(mode, shape, monkeypatch):
 def test_fused_numba_code_shares_one_cache_stamp(tmp_path, monkeypatch):
     """numba's disk cache of every fused function is stamped with all the fused modules'
     sources: a cached caller must not keep the old code of a callee in another file (the team
-    entry points compile all of ``_fused3x3`` into themselves; a stale one ran old code after
-    ``_fused3x3.py`` changed)."""
-    from fgo_geoopt.optim import _fused3x3, _numba_cache, _team
+    entry points compile all of ``_tiles3x3`` into themselves; a stale one ran old code after
+    ``_tiles3x3.py`` changed)."""
+    from fgo_geoopt.optim.cpu import _numba_cache, _soa, _team, _tiles3x3
 
     assert _numba_cache.install()
-    dispatchers = [_fused3x3.pass2, _fused3x3.bounds, _fused._soa_chunk]
-    if _fused._team_module() is not None:
+    dispatchers = [_tiles3x3.pass2, _tiles3x3.bounds, _soa._soa_chunk]
+    if _schedule._team_module() is not None:
         dispatchers.append(_team._entry(True, np.int8))
     for fn in dispatchers:
         assert isinstance(fn._cache._impl.locator, _numba_cache._Stamped), fn

@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fgo_geoopt.optim import _fused
+from fgo_geoopt.optim import cpu
 
-pytestmark = pytest.mark.skipif(not _fused.AVAILABLE, reason="numba fused backend unavailable")
+pytestmark = pytest.mark.skipif(not cpu.AVAILABLE, reason="numba fused backend unavailable")
 
-if _fused.AVAILABLE:
+if cpu.AVAILABLE:
+    from fgo_geoopt.optim.cpu._lanes import GROUP, from_lanes, to_lanes
     from numba import njit
 
-    from fgo_geoopt.optim import _fused3x3, _fused_columns, _fused_flags
-    from fgo_geoopt.optim._lanes import GROUP, from_lanes, to_lanes
+    from fgo_geoopt.optim.cpu import _columns, _flags, _tiles3x3
 
     @njit(cache=False)
     def _in(flat, offset, tile, col):
@@ -55,7 +55,7 @@ def test_lanes_reject_non_contiguous_arrays():
 )
 @pytest.mark.parametrize(("k0", "k1"), [(0, 200), (128, 131), (5, 77)])
 def test_3x3_bounds_equal_the_general_bounds(dtype, scaled, weight_decay, sign, k0, k1):
-    """The 16-kernel lanes of ``_fused3x3.bounds`` give the per-kernel sums of the general
+    """The 16-kernel lanes of ``_tiles3x3.bounds`` give the per-kernel sums of the general
     code, with Euclidean kernels under weight decay, scales and leftover kernels."""
     rng = np.random.default_rng(3)
     num_k, kpr, poms = 200, 10, 23
@@ -63,15 +63,15 @@ def test_3x3_bounds_equal_the_general_bounds(dtype, scaled, weight_decay, sign, 
     g = rng.standard_normal((num_k, 9)).astype(dtype)
     s = (0.5 + rng.random(kpr)).astype(dtype)  # per kernel on the 3x3 path, per entry below
     kidx = rng.integers(0, poms, num_k).astype(np.uint16)
-    tcode = np.array([_fused.SPHERE, _fused.OBLIQUE, _fused.STIEFEL, _fused.EUCLIDEAN], np.int8)[
+    tcode = np.array([_flags.SPHERE, _flags.OBLIQUE, _flags.STIEFEL, _flags.EUCLIDEAN], np.int8)[
         rng.integers(0, 4, poms)
     ]
-    hp = _fused_flags.hyper_array(
+    hp = _flags.hyper_array(
         dtype, lr=0.1, c_old=0.9, c_new=1.0, a_r=0.0, a_b=1.0, weight_decay=weight_decay, sign=sign
     )
     fast, general = np.zeros(poms), np.zeros(poms)
-    _fused3x3.bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, fast)
+    _tiles3x3.bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, fast)
     per_entry = np.repeat(s.astype(np.float64), 9)
-    _fused_columns.bounds(x, g, per_entry, kpr, scaled, kidx, tcode, k0, k1, hp, general)
+    _columns.bounds(x, g, per_entry, kpr, scaled, kidx, tcode, k0, k1, hp, general)
     assert (general > 0).sum() >= min(poms, k1 - k0) // 2  # the range touched most POMs
     np.testing.assert_allclose(fast, general, rtol=1e-5 if dtype == np.float32 else 1e-12)

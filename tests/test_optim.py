@@ -16,13 +16,13 @@ from hypothesis import strategies as st
 
 from fgo_geoopt import FGSGD, build_collection
 from fgo_geoopt.collections import KernelCollection
-from fgo_geoopt.optim import _fused
+from fgo_geoopt.optim import cpu
 from fgo_geoopt.optim.reference import reference_step
 
 # The fused backend needs numba; without it (or with FGO_DISABLE_NUMBA=1) the batched path
 # is the only one, and the library must still pass everything else.
-BACKENDS = ("torch", "fused") if _fused.AVAILABLE else ("torch",)
-needs_numba = pytest.mark.skipif(not _fused.AVAILABLE, reason="numba fused backend unavailable")
+BACKENDS = ("torch", "fused") if cpu.AVAILABLE else ("torch",)
+needs_numba = pytest.mark.skipif(not cpu.AVAILABLE, reason="numba fused backend unavailable")
 # Strategies (default manifolds Sp+Ob+St) and the Table 3 presets.
 GROUPINGS = ("pi", "po", "pio", "single", "st", "poms_st", "pio3", "pio4")
 # A 3x3 conv, a factorised 1x7 conv, a 1x1 conv and a Linear layer (the last two: filter view).
@@ -892,7 +892,7 @@ def test_auto_says_once_when_it_falls_back_to_torch_on_cpu(monkeypatch):
     )
     w.grad = torch.randn_like(w)
     opt = FGSGD([w], lr=0.1)
-    reason = "float32 / float64 weights, not torch.bfloat16" if _fused.AVAILABLE else "numba"
+    reason = "float32 / float64 weights, not torch.bfloat16" if cpu.AVAILABLE else "numba"
     with pytest.warns(UserWarning, match=f"(?i)batched torch ops.*{reason}"):
         opt.step()
     with warnings.catch_warnings():

@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fgo_geoopt as fg
 from fgo_geoopt.collections import build_collection
-from fgo_geoopt.optim import _fused
+from fgo_geoopt.optim import cpu
 from fgo_geoopt.rescaling import (
     Rescaler,
     entry_scale,
@@ -321,7 +321,7 @@ def test_gamma_functions():
 @settings(max_examples=15)
 @given(
     coll=collections(shapes=layer_shapes(max_channels=6, kernel_sizes=(1, 3, (2, 3)))),
-    backend=st.sampled_from(["torch", "fused"] if _fused.AVAILABLE else ["torch"]),
+    backend=st.sampled_from(["torch", "fused"] if cpu.AVAILABLE else ["torch"]),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     seed=st.integers(0, 2**16),
 )

@@ -11,9 +11,12 @@ import pytest
 import torch
 
 from fgo_geoopt import FGSGD, build_collection
-from fgo_geoopt.optim import _fused
+from fgo_geoopt.optim import cpu
 
-pytestmark = pytest.mark.skipif(not _fused.AVAILABLE, reason="numba fused backend unavailable")
+if cpu.AVAILABLE:
+    from fgo_geoopt.optim.cpu import _schedule
+
+pytestmark = pytest.mark.skipif(not cpu.AVAILABLE, reason="numba fused backend unavailable")
 
 SHAPE = (64, 32, 3, 3)  # float32 and large enough for the team; POMs of several kernels
 
@@ -39,15 +42,15 @@ def fresh(monkeypatch):
     """Two threads, the team looked up afresh, no warning given yet (all restored after)."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
-    monkeypatch.setattr(_fused, "_TEAM", [])
-    monkeypatch.setattr(_fused, "_TEAM_FAILED", set())
-    monkeypatch.setattr(_fused, "_TEAM_WARNED", [])
+    monkeypatch.setattr(_schedule, "_TEAM", [])
+    monkeypatch.setattr(_schedule, "_TEAM_FAILED", set())
+    monkeypatch.setattr(_schedule, "_TEAM_WARNED", [])
     yield monkeypatch
     torch.set_num_threads(before)
 
 
 def test_a_team_that_cannot_be_found_warns_once(fresh):
-    from fgo_geoopt.optim import _team
+    from fgo_geoopt.optim.cpu import _team
 
     def missing():
         raise RuntimeError("no libgomp here (test)")
@@ -55,7 +58,7 @@ def test_a_team_that_cannot_be_found_warns_once(fresh):
     fresh.setattr(_team, "_find_libgomp", missing)
     got, warned = _run("fused")
     assert len(warned) == 1 and "no libgomp here" in str(warned[0].message)
-    assert _fused._team_module() is None
+    assert _schedule._team_module() is None
     want, _ = _run("torch")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert _run("fused")[1] == []  # once per process
@@ -65,7 +68,7 @@ def test_a_team_that_cannot_be_found_warns_once(fresh):
 def test_a_team_that_fails_warns_once_and_the_step_finishes_on_the_pool(fresh, fails):
     """``update call``: the bounds phase of the first step ran on the team, its update (and
     everything after) on the pool."""
-    team = _fused._team_module()
+    team = _schedule._team_module()
     if team is None:
         pytest.skip("torch does not run on its own GNU OpenMP here: no team path")
     calls = []
@@ -90,21 +93,21 @@ def test_a_team_that_fails_warns_once_and_the_step_finishes_on_the_pool(fresh, f
     want, _ = _run("torch")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     if fails != "compile":
-        assert _fused._team_module() is None  # off for the rest of the process
+        assert _schedule._team_module() is None  # off for the rest of the process
 
 
 def test_team_descriptors_keep_no_addresses_of_a_step(fresh):
     """After a step the team descriptors forget the weights, gradients and buffers."""
-    from fgo_geoopt.optim import _team
+    from fgo_geoopt.optim.cpu import _team
 
-    if _fused._team_module() is None:
+    if _schedule._team_module() is None:
         pytest.skip("torch does not run on its own GNU OpenMP here: no team path")
     coll = build_collection(SHAPE, "pio4", seed=0)
     p = geoopt.ManifoldParameter(coll.projx(torch.randn(SHAPE)), manifold=copy.deepcopy(coll))
     opt = FGSGD([p], lr=0.1, momentum=0.9, backend="fused")
     p.grad = torch.randn(SHAPE)
     opt.step()
-    layers = list(p.manifold._cache["fused"]["reuse"].values())
-    assert layers and all(layer.desc is not None for layer in layers)
-    for layer in layers:
-        assert not layer.desc[[_team._X, _team._G, _team._M, _team._S]].any()
+    layers = list(opt._workspace.of(p.manifold)["cpu plan"].layers.values())
+    # the step ran on the team (a descriptor was made), and none survives the step
+    assert layers and all(layer.team_module is _team for layer in layers)
+    assert all(layer.desc is None for layer in layers)

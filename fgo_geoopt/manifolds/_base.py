@@ -11,13 +11,6 @@ import torch
 
 __all__ = ["KernelManifoldMixin", "compute_dtype", "default_atol", "tall", "untall"]
 
-# Codes understood by the fused CPU step (fgo_geoopt.optim._fused). A manifold without a code
-# is stepped by the batched torch path.
-FUSED_SPHERE = 0
-FUSED_OBLIQUE = 1
-FUSED_STIEFEL = 2
-FUSED_EUCLIDEAN = 3
-
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the maths runs in: float32 for 16-bit floats, the dtype itself otherwise."""
@@ -53,7 +46,6 @@ class KernelManifoldMixin:
     """Common behaviour of the per-kernel manifolds (``ndim = 2``)."""
 
     ndim = 2
-    fused_code: int | None = None
 
     def _check_shape(self, shape: tuple[int, ...], name: str) -> tuple[bool, str | None]:
         if len(shape) < 2:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import geoopt
 import torch
 
-from ._base import FUSED_EUCLIDEAN, KernelManifoldMixin
+from ._base import KernelManifoldMixin
 
 __all__ = ["KernelEuclidean"]
 
@@ -14,7 +14,6 @@ class KernelEuclidean(KernelManifoldMixin, geoopt.Euclidean):
     r""":math:`\mathbb{R}^{A \times B}` per kernel: projections are identities, ``retr`` adds."""
 
     name = "KernelEuclidean"
-    fused_code = FUSED_EUCLIDEAN
 
     def __init__(self):
         super().__init__(ndim=2)

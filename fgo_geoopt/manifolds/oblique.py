@@ -5,7 +5,7 @@ from __future__ import annotations
 import geoopt
 import torch
 
-from ._base import FUSED_OBLIQUE, KernelManifoldMixin, tall, untall
+from ._base import KernelManifoldMixin, tall, untall
 from .sphere import normalize
 
 __all__ = ["Oblique"]
@@ -23,7 +23,6 @@ class Oblique(KernelManifoldMixin, geoopt.Manifold):
 
     name = "Oblique"
     reversible = False
-    fused_code = FUSED_OBLIQUE
 
     def _check_point_on_manifold(self, x, *, atol=None, rtol=None):
         atol, rtol = self._default_tol(x, atol, rtol)

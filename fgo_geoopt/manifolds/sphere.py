@@ -5,7 +5,7 @@ from __future__ import annotations
 import geoopt
 import torch
 
-from ._base import FUSED_SPHERE, KernelManifoldMixin
+from ._base import KernelManifoldMixin
 
 __all__ = ["KernelSphere", "normalize"]
 
@@ -32,7 +32,6 @@ class KernelSphere(KernelManifoldMixin, geoopt.Sphere):
     """
 
     name = "KernelSphere"
-    fused_code = FUSED_SPHERE
 
     def __init__(self):
         super().__init__()

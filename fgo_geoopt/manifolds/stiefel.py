@@ -5,7 +5,7 @@ from __future__ import annotations
 import geoopt
 import torch
 
-from ._base import FUSED_STIEFEL, KernelManifoldMixin, tall, untall
+from ._base import KernelManifoldMixin, tall, untall
 
 __all__ = ["KernelStiefel", "orthonormalize"]
 
@@ -66,7 +66,6 @@ class KernelStiefel(KernelManifoldMixin, geoopt.EuclideanStiefel):
     """
 
     name = "KernelStiefel"
-    fused_code = FUSED_STIEFEL
 
     def _check_point_on_manifold(self, x, *, atol=None, rtol=None):
         atol, rtol = self._default_tol(x, atol, rtol)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import os
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -11,19 +9,15 @@ from typing import Any
 import geoopt
 import torch
 from geoopt.optim import RiemannianSGD
-from torch.optim.sgd import sgd as _torch_sgd
 
 from ..collections import KernelCollection
-from . import _fused
-from ._batched import batched_collection_step
-from ._layout import from_tiles, to_tiles
+from . import cpu, torch_step
+from ._checks import NONFINITE_POLICIES, check_loaded_state, raise_if_nonfinite, validate
+from ._plain import generic_step, plain_step, split_params
+from ._records import Hyper, Layer
+from ._state import Workspace, plain_buffer, to_tiles
 
 __all__ = ["FGSGD", "NONFINITE_POLICIES", "fgsgd"]
-
-NONFINITE_POLICIES = ("skip", "raise", "none")
-BACKENDS = ("auto", "fused", "torch")
-#: Metrics of the step on re-scaled collections (see the class docstring).
-METRICS = ("unit", "stored")
 
 _FG_DEFAULTS = {
     "maximize": False,
@@ -32,47 +26,6 @@ _FG_DEFAULTS = {
     "backend": "auto",
     "metric": "unit",
 }
-
-
-def _check_number(
-    name: str, value: Any, *, low: float = 0.0, high: float | None = None, high_open: bool = False
-) -> None:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor")
-        value = float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < low:
-        raise ValueError(f"Invalid {name}: {value} (expected a finite value >= {low})")
-    if high is not None and (value >= high if high_open else value > high):
-        bound = f"< {high}" if high_open else f"<= {high}"
-        raise ValueError(f"Invalid {name}: {value} (expected {bound})")
-
-
-def _validate(group: dict[str, Any]) -> None:
-    _check_number("lr", group["lr"])
-    _check_number("momentum", group["momentum"], high=1.0, high_open=True)
-    _check_number("dampening", group["dampening"], high=1.0)
-    _check_number("weight_decay", group["weight_decay"])
-    for key in ("nesterov", "maximize", "adaptive_step"):
-        if not isinstance(group[key], bool):
-            raise ValueError(f"{key} must be a bool, got {group[key]!r}")
-    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-        raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
-    if group["nonfinite"] not in NONFINITE_POLICIES:
-        raise ValueError(
-            f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {group['nonfinite']!r}"
-        )
-    if group["metric"] not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {group['metric']!r}")
-    if group["backend"] not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {group['backend']!r}")
-    stabilize = group.get("stabilize")
-    if stabilize is not None and (
-        isinstance(stabilize, bool) or not isinstance(stabilize, int) or stabilize < 1
-    ):
-        raise ValueError(f"stabilize must be None or a positive int, got {stabilize!r}")
 
 
 class FGSGD(RiemannianSGD):
@@ -169,11 +122,12 @@ class FGSGD(RiemannianSGD):
             "metric": metric,
             "stabilize": stabilize,
         }
-        _validate(defaults)
-        if backend == "fused" and not _fused.AVAILABLE:
+        validate(defaults)
+        if backend == "fused" and not cpu.AVAILABLE:
             raise ValueError("backend='fused' needs numba, which is not importable here")
         self._fg_defaults = {k: defaults[k] for k in _FG_DEFAULTS}
         self.nonfinite_count = 0
+        self._workspace = Workspace()  # the backends' caches; never saved
         super().__init__(
             params,
             lr=lr,
@@ -188,7 +142,7 @@ class FGSGD(RiemannianSGD):
         for key, value in getattr(self, "_fg_defaults", _FG_DEFAULTS).items():
             param_group.setdefault(key, value)
         super().add_param_group(param_group)
-        _validate(self.param_groups[-1])
+        validate(self.param_groups[-1])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -196,6 +150,7 @@ class FGSGD(RiemannianSGD):
             self._fg_defaults = dict(_FG_DEFAULTS)
         if not hasattr(self, "nonfinite_count"):
             self.nonfinite_count = 0
+        self._workspace = Workspace()
         for group in self.param_groups:
             for key, value in _FG_DEFAULTS.items():
                 group.setdefault(key, value)
@@ -219,7 +174,7 @@ class FGSGD(RiemannianSGD):
                 optimizer (``torch.optim.SGD`` keeps buffers in the weight's own layout),
                 or not the parameter's shape for a plain one. Nothing is loaded then.
         """
-        _check_loaded_state(self.param_groups, state_dict)
+        check_loaded_state(self.param_groups, state_dict)
         state_dict = dict(state_dict)
         count = state_dict.pop("nonfinite_count", 0)
         # ``backend`` says how this process runs the step, not what the run is: the one given
@@ -242,9 +197,9 @@ class FGSGD(RiemannianSGD):
         # group (or its step counter) changes. Group values may have been changed since
         # construction (schedulers, user code): a NaN lr would silently wreck the weights.
         for group in self.param_groups:
-            _validate(group)
+            validate(group)
             if group["nonfinite"] == "raise":
-                _raise_if_nonfinite([p for p in group["params"] if p.grad is not None])
+                raise_if_nonfinite([p for p in group["params"] if p.grad is not None])
         for group in self.param_groups:
             group["step"] = group.get("step", 0) + 1
             skipped = fgsgd(
@@ -261,6 +216,7 @@ class FGSGD(RiemannianSGD):
                 nonfinite="none" if group["nonfinite"] == "raise" else group["nonfinite"],
                 backend=group["backend"],
                 metric=group["metric"],
+                workspace=self._workspace,
             )
             if skipped is not None:
                 self.nonfinite_count += skipped
@@ -277,7 +233,7 @@ class FGSGD(RiemannianSGD):
                 continue
             p.copy_(manifold.projx(p))
             st = self.state.get(p, {})
-            buf = _plain_buffer(st)
+            buf = plain_buffer(st)
             if buf is None:
                 continue
             if isinstance(manifold, KernelCollection):
@@ -296,89 +252,10 @@ class FGSGD(RiemannianSGD):
         3x3 kernels tile-major in ``self.state`` (``state["momentum_tiles"]`` holds the tile
         size; it saves transposing them every step); for those this returns a converted copy.
         """
-        return _plain_buffer(self.state.get(p, {}))
+        return plain_buffer(self.state.get(p, {}))
 
 
-def _check_loaded_state(groups: list[dict[str, Any]], state_dict: dict[str, Any]) -> None:
-    """Refuse momentum buffers that ``step()`` would misread (see ``FGSGD.load_state_dict``)."""
-    saved_groups = state_dict.get("param_groups", [])
-    if len(saved_groups) != len(groups):
-        return  # torch's own check names that mismatch
-    saved_state = state_dict.get("state", {})
-    fix = (
-        "resume from a state dict saved by FGSGD on the wrapped model (create the optimizer "
-        "after fgo_geoopt.wrap), or do not load the optimizer state and start its momentum fresh"
-    )
-    for g, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
-        # torch optimizers save their implementation switches; FGSGD has none
-        foreign = "foreach" in saved or "differentiable" in saved
-        for i, (p, pid) in enumerate(zip(group["params"], saved.get("params", []), strict=False)):
-            buf = saved_state.get(pid, {}).get("momentum_buffer")
-            if buf is None:
-                continue
-            where = f"parameter {i} of group {g} (shape {tuple(p.shape)})"
-            if not isinstance(buf, torch.Tensor):
-                raise ValueError(f"the momentum buffer of {where} is not a tensor; {fix}")
-            coll = getattr(p, "manifold", None)
-            if isinstance(coll, KernelCollection):
-                expected = (coll.num_kernels, coll.kernel_numel)
-                if foreign:
-                    raise ValueError(
-                        f"the state of {where} was saved by another optimizer (a torch one, "
-                        "such as SGD): its momentum is in the weight's layout, while FGSGD "
-                        f"keeps a {expected} buffer in unit coordinates on manifold "
-                        f"parameters; {fix}"
-                    )
-            else:
-                expected = tuple(p.shape)
-            if tuple(buf.shape) != expected:
-                raise ValueError(
-                    f"the momentum buffer of {where} has shape {tuple(buf.shape)}, FGSGD "
-                    f"expects {expected}; {fix}"
-                )
-
-
-def _set_layout(st: dict[str, Any], tiles: int | None, convert: bool = True) -> None:
-    """Store the momentum buffer of ``st`` tile-major with ``tiles`` kernels per tile, or
-    kernel-major for ``None`` (in place: the tensor object stays)."""
-    if convert:
-        buf = st["momentum_buffer"]
-        plain = _plain_buffer(st)
-        buf.copy_(plain if tiles is None else to_tiles(plain, tiles))
-    if tiles is None:
-        st.pop("momentum_tiles", None)
-    else:
-        st["momentum_tiles"] = int(tiles)
-
-
-def _plain_buffer(st: dict[str, Any]) -> torch.Tensor | None:
-    buf = st.get("momentum_buffer")
-    if buf is not None and st.get("momentum_tiles") is not None:
-        return from_tiles(buf, st["momentum_tiles"])
-    return buf
-
-
-def _raise_if_nonfinite(params: list[torch.Tensor]) -> None:
-    flags = _finite_flags([p.grad for p in params])
-    bad = [i for i, ok in enumerate(flags) if not ok]
-    if bad:
-        raise FloatingPointError(
-            f"non-finite gradient (NaN / inf entries) in {len(bad)} parameter(s) (positions "
-            f"{bad} of the group with gradients); nothing was updated"
-        )
-
-
-def _split(params: list[torch.Tensor]):
-    plain, colls, other = [], [], []
-    for p in params:
-        manifold = getattr(p, "manifold", None)
-        if isinstance(manifold, KernelCollection):
-            colls.append(p)
-        elif manifold is None or isinstance(manifold, geoopt.Euclidean):
-            plain.append(p)
-        else:
-            other.append(p)
-    return plain, colls, other
+_FUNCTIONAL_WORKSPACE = Workspace()  # caches of ``fgsgd`` called without an optimizer
 
 
 def fgsgd(
@@ -395,197 +272,96 @@ def fgsgd(
     nonfinite: str,
     backend: str,
     metric: str = "unit",
-) -> int | torch.Tensor | None:
-    """Functional FG-SGD step over ``params`` (all with gradients); returns skipped counts."""
-    lr = float(lr)
-    plain, colls, other = _split(params)
-    check = nonfinite == "skip"
-    if nonfinite == "raise":
-        _raise_if_nonfinite(params)
-    skipped: int | torch.Tensor = 0
-    if plain:
-        skipped = skipped + _plain_step(
-            plain, state, lr, momentum, dampening, weight_decay, nesterov, maximize, check
-        )
-    jobs: list[_fused.FusedJob] = []
-    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for p in colls:
-        skipped = skipped + _collection_step(
-            p,
-            jobs,
-            copies,
-            state,
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            nesterov=nesterov,
-            maximize=maximize,
-            weight_decay=weight_decay,
-            adaptive=adaptive_step,
-            check=check,
-            backend=backend,
-            metric=metric,
-        )
-    if jobs:  # the fused layers of the group run together: one hand-out to the threads
-        skipped = skipped + _fused.run_jobs(jobs)
-        for p, x in copies:
-            p.copy_(x)
-    for p in other:
-        skipped = skipped + _generic_step(
-            p, state, lr, momentum, dampening, nesterov, maximize, adaptive_step, check
-        )
-    if isinstance(skipped, torch.Tensor):
-        skipped = int(skipped)
-    return skipped
+    workspace: Workspace | None = None,
+) -> int:
+    """Functional FG-SGD step over ``params`` (all with gradients); returns the skipped count.
 
-
-def _finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
-    """Whether each tensor has only finite entries (no NaN, no inf).
-
-    One fused 2-norm per (device, dtype) group and one sync. A finite norm proves every entry
-    finite; a non-finite one may also be an overflow of the sum of squares (one entry of 1e20
-    in float32), so those few tensors are confirmed entry by entry: a huge but finite gradient
-    is not "non-finite".
+    Plain parameters take torch's SGD; collection parameters go to a backend (the fused CPU one
+    where ``backend`` and the parameter allow, the batched torch one otherwise), all layers of a
+    backend together; parameters on other geoopt manifolds take the generic step.
     """
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    flags = [True] * len(tensors)
-    for members in groups.values():
-        norms = torch._foreach_norm([tensors[i] for i in members])
-        ok = torch.stack(norms).isfinite().tolist()
-        for i, good in zip(members, ok, strict=True):
-            flags[i] = good or bool(torch.isfinite(tensors[i]).all())
-    return flags
-
-
-def _plain_step(params, state, lr, momentum, dampening, weight_decay, nesterov, maximize, check):
-    grads = [p.grad for p in params]
-    skipped = 0
-    if check:
-        finite = _finite_flags(grads)
-        if not all(finite):
-            skipped = finite.count(False)
-            params = [p for p, ok in zip(params, finite, strict=True) if ok]
-            grads = [p.grad for p in params]
-    if not params:
-        return skipped
-    bufs = [state[p].get("momentum_buffer") for p in params]
-    _torch_sgd(
-        params,
-        grads,
-        bufs,
-        weight_decay=weight_decay,
+    workspace = _FUNCTIONAL_WORKSPACE if workspace is None else workspace
+    hyper = Hyper(
+        lr=float(lr),
         momentum=momentum,
-        lr=lr,
         dampening=dampening,
         nesterov=nesterov,
         maximize=maximize,
-        foreach=True,
-        has_sparse_grad=False,
+        weight_decay=weight_decay,
+        adaptive=adaptive_step,
+        check=nonfinite == "skip",
     )
-    if momentum != 0:
-        for p, buf in zip(params, bufs, strict=True):
-            state[p]["momentum_buffer"] = buf
-    return skipped
+    plain, colls, other = split_params(params)
+    if nonfinite == "raise":
+        raise_if_nonfinite(params)
+    skipped: int | torch.Tensor = 0
+    if plain:
+        skipped = skipped + plain_step(
+            plain,
+            state,
+            hyper.lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+            maximize,
+            hyper.check,
+        )
+    on_cpu, batched = [], []
+    for p in colls:
+        layer = _layer(p, state[p], metric, workspace)
+        (on_cpu if _takes_cpu(layer, backend, workspace) else batched).append(layer)
+    if batched:
+        skipped = skipped + torch_step.step(batched, hyper, workspace)
+    if on_cpu:
+        skipped = skipped + cpu.step(on_cpu, hyper, workspace)
+    for p in other:
+        skipped = skipped + generic_step(
+            p,
+            state,
+            hyper.lr,
+            momentum,
+            dampening,
+            nesterov,
+            maximize,
+            adaptive_step,
+            hyper.check,
+        )
+    return int(skipped)
 
 
-def _collection_step(
-    p,
-    jobs,
-    copies,
-    state,
-    *,
-    lr,
-    momentum,
-    dampening,
-    nesterov,
-    maximize,
-    weight_decay,
-    adaptive,
-    check,
-    backend,
-    metric="unit",
-):
+def _layer(p: torch.Tensor, st: dict[str, Any], metric: str, workspace: Workspace) -> Layer:
+    """The record a backend steps: ``p`` with the gradient of ``metric``."""
     coll: KernelCollection = p.manifold
     grad = p.grad
     if metric == "stored" and coll.scale is not None:
-        grad = grad * _inverse_square_scale(coll, grad)
-    st = state[p]
-    first = "momentum_buffer" not in st
-    k, n = coll.num_kernels, coll.kernel_numel
-    use_fused = (
-        backend != "torch"
-        and p.device.type == "cpu"
-        and p.dtype in (torch.float32, torch.float64)
-        and _fused.fused_supported(coll)
-    )
-    if backend == "auto" and not use_fused and p.device.type == "cpu":
-        _warn_fallback_once(coll, p)
-    if backend == "fused" and not use_fused:
+        grad = grad * _inverse_square_scale(coll, grad, workspace)
+    return Layer(param=p, coll=coll, grad=grad, state=st, first="momentum_buffer" not in st)
+
+
+def _takes_cpu(layer: Layer, backend: str, workspace: Workspace) -> bool:
+    """Whether the fused CPU backend steps ``layer`` (else the batched torch one does)."""
+    if backend == "torch":
+        return False
+    p, coll = layer.param, layer.coll
+    if cpu.accepts(coll, p, workspace):
+        return True
+    if backend == "fused":
         raise ValueError(
             f"backend='fused' cannot step a {p.dtype} parameter on {p.device} with manifolds "
-            f"{coll.manifold_names}: it needs float32/float64 on CPU and built-in manifolds"
+            f"{coll.manifold_names}: {cpu.reason_refused(coll, p)}"
         )
-    buf = None
-    if momentum != 0:
-        layout = _fused.buffer_layout(coll) if use_fused else None
-        if first:
-            # zeros, not empty: the fused step reads the buffer with a zero weight on the first
-            # step, and skipped POMs keep it (zeros are the same in every layout)
-            st["momentum_buffer"] = torch.zeros((k, n), dtype=p.dtype, device=p.device)
-            _set_layout(st, layout, convert=False)
-        elif st.get("momentum_tiles") != layout:
-            _set_layout(st, layout)
-        buf = st["momentum_buffer"]
-    hyper = {
-        "lr": lr,
-        "momentum": momentum,
-        "dampening": dampening,
-        "nesterov": nesterov,
-        "maximize": maximize,
-        "weight_decay": weight_decay,
-        "adaptive": adaptive,
-        "first": first,
-        "check": check,
-    }
-    if not use_fused:
-        return batched_collection_step(coll, p, grad, buf, **hyper)
-    # Queued: ``fgsgd`` runs the fused steps of all the group's layers together.
-    x = p if p.is_contiguous() else p.contiguous()
-    g = grad if grad.is_contiguous() else grad.contiguous()
-    jobs.append(
-        _fused.FusedJob(
-            coll,
-            x.detach().view(k, n).numpy(),
-            g.detach().view(k, n).numpy(),
-            None if buf is None else buf.numpy(),
-            key=p.data_ptr(),
-            state=st,
-            **hyper,
-        )
-    )
-    if x is not p:
-        copies.append((p, x))
-    return 0
+    if p.device.type == "cpu":
+        _warn_fallback_once(cpu.reason_refused(coll, p))
+    return False
 
 
 _FALLBACK_WARNED: set[str] = set()
 
 
-def _warn_fallback_once(coll: KernelCollection, p: torch.Tensor) -> None:
+def _warn_fallback_once(reason: str) -> None:
     """Say once per reason and process that ``backend="auto"`` steps a CPU collection with
     the batched torch ops, tens of times slower there than the fused step."""
-    if not _fused.AVAILABLE:
-        reason = (
-            "FGO_DISABLE_NUMBA=1 switches the fused step off"
-            if os.environ.get("FGO_DISABLE_NUMBA", "0") == "1"
-            else "numba is not importable"
-        )
-    elif p.dtype not in (torch.float32, torch.float64):
-        reason = f"the fused step takes float32 / float64 weights, not {p.dtype}"
-    else:
-        reason = f"a manifold of {coll.manifold_names} has no fused implementation"
     if reason in _FALLBACK_WARNED:
         return
     _FALLBACK_WARNED.add(reason)
@@ -593,46 +369,22 @@ def _warn_fallback_once(coll: KernelCollection, p: torch.Tensor) -> None:
         f"FG-SGD steps CPU collections with the batched torch ops (much slower than the fused "
         f"step): {reason}. backend='torch' says so explicitly and silences this.",
         UserWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
 
 
-def _inverse_square_scale(coll: KernelCollection, like: torch.Tensor) -> torch.Tensor:
+def _inverse_square_scale(
+    coll: KernelCollection, like: torch.Tensor, workspace: Workspace
+) -> torch.Tensor:
     """``1 / R^2`` for every entry of the weight (1 on Euclidean kernels), in the layout of
     ``like``: turns ``R * dL/dW``, the unit-coordinate gradient the steps form, into
-    ``dL/dW / R`` (``metric="stored"``). Cached with the collection's scales."""
+    ``dL/dW / R`` (``metric="stored"``). Kept in the workspace until the scales change."""
     from ..rescaling import entry_scale
 
-    key = ("scale", "inverse square", str(like.device), like.dtype)  # dropped by set_scale
-    out = coll._cache.get(key)
+    cache = workspace.of(coll)
+    key = ("inverse square scale", str(like.device), like.dtype)
+    out = cache.get(key)
     if out is None:
         factor = entry_scale(coll, dtype=torch.float64, device=like.device)
-        out = factor.pow(-2).to(like.dtype)
-        coll._cache[key] = out
+        out = cache[key] = factor.pow(-2).to(like.dtype)
     return out
-
-
-def _generic_step(p, state, lr, momentum, dampening, nesterov, maximize, adaptive, check):
-    """Any other geoopt manifold: the same step with the whole tensor as a single POM."""
-    manifold = p.manifold
-    grad = -p.grad if maximize else p.grad
-    rg = manifold.egrad2rgrad(p, grad.clone())
-    sq = rg.to(torch.float64).pow(2).sum()
-    if check and not bool(torch.isfinite(sq)):
-        return 1
-    if adaptive:
-        big_r = float(sq.sqrt())
-        rg = rg / max(1.0, big_r * (2.0 + big_r))  # Eq. (7)
-    st = state[p]
-    if momentum != 0:
-        if "momentum_buffer" not in st:
-            buf = rg.clone()
-        else:
-            buf = st["momentum_buffer"].mul(momentum).add_(rg, alpha=1.0 - dampening)
-        direction = rg + momentum * buf if nesterov else buf
-        new_p, new_buf = manifold.retr_transp(p, -lr * direction, buf)
-        st["momentum_buffer"] = new_buf
-    else:
-        new_p = manifold.retr(p, -lr * rg)
-    p.copy_(new_p)
-    return 0

@@ -1,10 +1,10 @@
 """The step of one 3x3 kernel, written once: lane helpers shared by the tile code of
-``_fused3x3`` (numba loops over the kernels of a tile) and the register code of ``_fused16``
+``_tiles3x3`` (numba loops over the kernels of a tile) and the register code of ``_vec16``
 (which evaluates the same Python functions on vectors of 16 lanes).
 
 A kernel is a tuple of nine entries, ``X[r, c] = x[3 r + c]``; its manifold is the code ``tp``.
-The four built-in manifolds share one formulation (see ``_fused3x3``), so the helpers branch
-only through ``_where``, ``_and`` and ``_not``, which ``_fused16`` turns into selects and mask
+The four built-in manifolds share one formulation (see ``_tiles3x3``), so the helpers branch
+only through ``_where``, ``_and`` and ``_not``, which ``_vec16`` turns into selects and mask
 operations, and take their square roots and reciprocals through ``_rsqrt``, ``_sqrt`` and
 ``_recip``, which it turns into the target's fast estimates on float32 vectors.
 """
@@ -14,13 +14,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._fused_flags import EUCLIDEAN, SPHERE, STIEFEL, _inline
+from ._flags import EUCLIDEAN, SPHERE, STIEFEL, _inline
 
 __all__: list[str] = []
 
 
 # Lane logic through these three helpers (no ``if``/``and``/``not`` on lane values in the
-# helpers below): ``_fused16`` evaluates the same helpers on vectors of 16 lanes.
+# helpers below): ``_vec16`` evaluates the same helpers on vectors of 16 lanes.
 @njit(**_inline)
 def _where(c, a, b):
     return a if c else b
@@ -158,7 +158,7 @@ def _retract(tp, zero, one, tiny2, eps16sq, y):
     return out, _not(ok)
 
 
-# ``_fused16`` evaluates these three with the target's fast estimates on float32 vectors.
+# ``_vec16`` evaluates these three with the target's fast estimates on float32 vectors.
 @njit(**_inline)
 def _rsqrt(one, v):
     return one / np.sqrt(v)
@@ -177,7 +177,7 @@ def _recip(one, v):
 @njit(**_inline)
 def _retract_gram(tp, zero, one, quarter, tiny2, eps16sq, y):
     """The retraction of ``_retract`` from the Gram matrix ``Y^T Y`` (Cholesky QR), for the
-    registers of ``_fused16``; returns the new point and whether the group must go to
+    registers of ``_vec16``; returns the new point and whether the group must go to
     ``_retract`` instead.
 
     Gram-Schmidt is a chain: each column waits for the normalised previous ones, twice (CGS2).

@@ -1,9 +1,9 @@
 """Fused CPU step for other small kernels (not 3x3, not one column; at most
-``_fused.SOA_MAX_NUMEL`` entries, e.g. 5x5): blocks of POMs of one manifold type gathered into
+``_plan.SOA_MAX_NUMEL`` entries, e.g. 5x5): blocks of POMs of one manifold type gathered into
 structure-of-arrays buffers, entry-major, so that the loops over a block's kernels vectorise.
 
 The helpers (tangent projection, Riemannian gradient, column normalisation, CGS2) also serve
-the other paths: ``_fused3x3`` redoes its degenerate kernels with them, ``_fused_aos`` its
+the other paths: ``_tiles3x3`` redoes its degenerate kernels with them, ``_aos`` its
 rare multi-column Stiefel kernels. Tests keep this path equal to ``reference.py``.
 """
 
@@ -14,7 +14,7 @@ import math
 import numpy as np
 from numba import njit
 
-from ._fused_flags import EUCLIDEAN, STIEFEL, _jit
+from ._flags import EUCLIDEAN, STIEFEL, _jit
 
 __all__ = ["soa_chunk"]
 
@@ -168,36 +168,35 @@ def _fallback_column(X, i, c, nrow, cst, est):
 
 
 @njit(**_jit)
-def _soa_chunk(
-    ch,
-    x,
-    g,
-    m,
-    s,
-    kpr,
-    scaled,
-    pom_ptr,
-    pom_kernels,
-    singleton,
-    pom_type,
-    codes,
-    blocks,
-    cap,
-    geo,
-    lr,
-    mu,
-    damp,
-    nesterov,
-    sign,
-    wd,
-    adaptive,
-    use_mom,
-    first,
-    check,
-    eps,
-    tiny,
-    nchunks,
-):
+def _soa_chunk(ch, x, g, m, s, lay, hyp, nchunks):
+    """Piece ``ch`` of ``nchunks`` of a layer, a block of POMs at a time; returns the POMs
+    skipped."""
+    kpr, scaled, pom_ptr, pom_kernels, singleton, pom_type, codes, blocks, cap, geo = (
+        lay.kpr,
+        lay.scaled,
+        lay.pom_ptr,
+        lay.pom_kernels,
+        lay.singleton,
+        lay.pom_type,
+        lay.codes,
+        lay.blocks,
+        lay.cap,
+        lay.geo,
+    )
+    lr, mu, damp, nesterov, sign, wd, adaptive, use_mom, first, check, eps, tiny = (
+        hyp.lr,
+        hyp.mu,
+        hyp.damp,
+        hyp.nesterov,
+        hyp.sign,
+        hyp.wd,
+        hyp.adaptive,
+        hyp.use_mom,
+        hyp.first,
+        hyp.check,
+        hyp.eps,
+        hyp.tiny,
+    )
     n = x.shape[1]
     nblocks = blocks.shape[0] - 1
     dt = x.dtype

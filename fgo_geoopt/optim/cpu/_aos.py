@@ -1,5 +1,5 @@
 """Fused CPU step for other large kernels (not 3x3, not one column, more than
-``_fused.SOA_MAX_NUMEL`` entries, e.g. 7x7): a POM at a time, a kernel at a time, with
+``_plan.SOA_MAX_NUMEL`` entries, e.g. 7x7): a POM at a time, a kernel at a time, with
 contiguous loops over each kernel's entries. Tests keep this path equal to ``reference.py``.
 """
 
@@ -10,8 +10,8 @@ import math
 import numpy as np
 from numba import njit
 
-from ._fused_flags import EUCLIDEAN, STIEFEL, _jit, _jit_fm
-from ._fused_soa import _soa_gram_schmidt, _soa_project
+from ._flags import EUCLIDEAN, STIEFEL, _jit, _jit_fm
+from ._soa import _soa_gram_schmidt, _soa_project
 
 __all__ = ["aos_chunk"]
 
@@ -225,34 +225,32 @@ def _aos_update(
 
 
 @njit(**_jit)
-def _aos_chunk(
-    ch,
-    x,
-    g,
-    m,
-    s,
-    kpr,
-    scaled,
-    pom_ptr,
-    pom_kernels,
-    singleton,
-    pom_type,
-    codes,
-    geo,
-    lr,
-    mu,
-    damp,
-    nesterov,
-    sign,
-    wd,
-    adaptive,
-    use_mom,
-    first,
-    check,
-    eps,
-    tiny,
-    nchunks,
-):
+def _aos_chunk(ch, x, g, m, s, lay, hyp, nchunks):
+    """Piece ``ch`` of ``nchunks`` of a layer, a POM at a time; returns the POMs skipped."""
+    kpr, scaled, pom_ptr, pom_kernels, singleton, pom_type, codes, geo = (
+        lay.kpr,
+        lay.scaled,
+        lay.pom_ptr,
+        lay.pom_kernels,
+        lay.singleton,
+        lay.pom_type,
+        lay.codes,
+        lay.geo,
+    )
+    lr, mu, damp, nesterov, sign, wd, adaptive, use_mom, first, check, eps, tiny = (
+        hyp.lr,
+        hyp.mu,
+        hyp.damp,
+        hyp.nesterov,
+        hyp.sign,
+        hyp.wd,
+        hyp.adaptive,
+        hyp.use_mom,
+        hyp.first,
+        hyp.check,
+        hyp.eps,
+        hyp.tiny,
+    )
     num_poms = pom_type.shape[0]
     n = x.shape[1]
     skipped = 0

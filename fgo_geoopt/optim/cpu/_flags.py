@@ -1,7 +1,8 @@
 """The bottom of the fused CPU step: codes, flag bits, phase kinds, the hyper-parameter layout
 and numba's options, shared by every module of the step. It imports none of them, so their
-imports run one way: these constants and the maths (``_maths3x3``, ``_fused_soa``) at the
-bottom, the kernel paths above them, the scheduling (``_team``, ``_fused``) at the top.
+imports run one way: these constants and the maths (``_maths3x3``, ``_soa``) at the
+bottom, the kernel paths above them, the plans, jobs and scheduling (``_plan``, ``_jobs``,
+``_team``, ``_schedule``) at the top.
 
 Importing it also puts the shared numba cache stamp in place (``_numba_cache``), before any
 module of the step decorates a function.
@@ -10,6 +11,7 @@ module of the step decorates a function.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,6 +39,8 @@ __all__ = [
     "TEAM_BOUNDS",
     "TEAM_NORMS",
     "TEAM_UPDATE",
+    "ChunkHyper",
+    "ChunkLayout",
     "hyper_array",
 ]
 
@@ -48,7 +52,7 @@ SPHERE, OBLIQUE, STIEFEL, EUCLIDEAN = 0, 1, 2, 3
 #: Phase kinds of the team descriptors (``_team``).
 TEAM_BOUNDS, TEAM_NORMS, TEAM_UPDATE = 0, 1, 2
 #: Bits of a layer's step flags, one set for the team descriptors, ``pass2`` of both memory-order
-#: paths and ``_fused16.step16``: scales, one kernel per POM, Eq. (7) on, momentum, non-finite
+#: paths and ``_vec16.step16``: scales, one kernel per POM, Eq. (7) on, momentum, non-finite
 #: steps skipped, every POM's factor 1.
 FLAG_SCALED, FLAG_OWN, FLAG_ADAPTIVE, FLAG_USE_MOM, FLAG_CHECK, FLAG_UNIT = 1, 2, 4, 8, 16, 32
 
@@ -86,3 +90,35 @@ def hyper_array(dtype, *, lr, c_old, c_new, a_r, a_b, weight_decay, sign) -> np.
     eps, tiny = _EPS_TINY[np.dtype(dtype)]
     values = [lr, c_old, c_new, a_r, a_b, weight_decay, sign, eps, tiny, 0.0, 0.5, 1.0, 2.0]
     return np.array([*values, tiny * tiny, (16.0 * eps) ** 2], dtype=dtype)
+
+
+class ChunkLayout(NamedTuple):
+    """What the POM-at-a-time paths (``_soa``, ``_aos``) read of a collection's layout."""
+
+    kpr: int  # kernels per weight row (scales repeat per row)
+    scaled: bool
+    pom_ptr: np.ndarray  # kernels of POM p: pom_kernels[pom_ptr[p]:pom_ptr[p + 1]]
+    pom_kernels: np.ndarray
+    singleton: bool  # one kernel per POM (pom_ptr / pom_kernels unused)
+    pom_type: np.ndarray
+    codes: np.ndarray  # manifold index -> code
+    geo: np.ndarray  # per code: columns, rows and strides of the tall kernel
+    blocks: np.ndarray  # ``_soa``: first POM of each block (a dummy for ``_aos``)
+    cap: int  # ``_soa``: the most kernels a block holds
+
+
+class ChunkHyper(NamedTuple):
+    """The step's settings as the POM-at-a-time paths read them."""
+
+    lr: float
+    mu: float
+    damp: float
+    nesterov: bool
+    sign: float  # -1 when maximising
+    wd: float
+    adaptive: bool
+    use_mom: bool
+    first: bool
+    check: bool
+    eps: float
+    tiny: float

@@ -13,12 +13,12 @@ kernels of different manifolds side by side (a PIO layer) need no branches:
 
 The lane helpers of ``_maths3x3`` write this once, for one kernel; they branch only through
 ``_where``, ``_and`` and ``_not``. The update (``pass2``) runs them two ways: 16 kernels at a
-time in vector registers (``_fused16`` evaluates the same helpers on vectors of 16 lanes), and
+time in vector registers (``_vec16`` evaluates the same helpers on vectors of 16 lanes), and
 through tiles of
 ``TILE`` kernels transposed into entry-major buffers (``_tile_part``, loops over the kernels of
 the tile that the compiler vectorises) for what the registers do not: steps without momentum,
 leftover kernels, groups of scaled kernels that straddle two rows, and groups with a degenerate
-retraction (a zero column, redone with the general code of ``_fused_soa``) or a skipped kernel.
+retraction (a zero column, redone with the general code of ``_soa``) or a skipped kernel.
 
 Scales (the re-scaling reparameterization) are per input channel, so one number per 3x3
 kernel: the functions here take them as ``s``, the scale of each kernel of a weight row
@@ -37,8 +37,7 @@ import math
 import numpy as np
 from numba import njit
 
-from ._fused16 import step16
-from ._fused_flags import (
+from ._flags import (
     _A_B,
     _A_R,
     _C_NEW,
@@ -67,7 +66,6 @@ from ._fused_flags import (
     _jit,
     _jit_fm,
 )
-from ._fused_soa import _soa_gram_schmidt, _soa_normalize_columns, _soa_project, _soa_rgrad
 from ._lanes import GROUP, from_lanes, prefetch, to_lanes
 from ._layout import TILE
 from ._maths3x3 import (
@@ -79,6 +77,8 @@ from ._maths3x3 import (
     _sqnorm,
     _transport,
 )
+from ._soa import _soa_gram_schmidt, _soa_normalize_columns, _soa_project, _soa_rgrad
+from ._vec16 import step16
 
 __all__ = [
     "CERTAIN",
@@ -203,7 +203,7 @@ def _bound(x, g, s, kpr, scaled, eu, wd, k, zero):
 @njit(**_jit_fm)
 def bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, r2):
     """Upper bounds of the squared Riemannian gradient norms of the kernels in ``[k0, k1)``,
-    summed per POM into ``r2``, as ``_fused_columns.bounds``: ``|g|^2`` of 16 kernels at a
+    summed per POM into ``r2``, as ``_columns.bounds``: ``|g|^2`` of 16 kernels at a
     time from entry-major lanes (``_lanes``), which reads nothing but ``g``; the sums of scaled
     kernels are multiplied by their scale squared, Euclidean kernels under weight decay are
     redone one by one."""
@@ -435,17 +435,17 @@ def pass2(x, g, m, s, kpr, kidx, tcode, pfac, k0, k1, hp, flags):
     """The update of the kernels in ``[k0, k1)``; returns the number of skipped kernels.
 
     ``k0`` is a multiple of ``TILE``, and the momentum buffer ``m`` is tile-major (see
-    ``_layout.to_tiles``). ``flags``: ``_fused.FLAG_*`` bits. With ``FLAG_OWN`` every kernel is
+    ``_layout.to_tiles``). ``flags``: ``_flags.FLAG_*`` bits. With ``FLAG_OWN`` every kernel is
     its own POM, and its step factor comes from its own gradient; otherwise from ``pfac`` per
     POM (``pom_factors``), all 1 with ``FLAG_UNIT``.
 
-    Groups of 16 kernels take ``_fused16.step16`` (in registers) where it applies; the rest,
+    Groups of 16 kernels take ``_vec16.step16`` (in registers) where it applies; the rest,
     and groups it hands back, take the tile code (``_tile_part``).
     """
     dt = x.dtype
     bufs = tile_buffers(x)
     fac16 = np.ones(GROUP, dt)  # stays 1 where ``unit``
-    # kernel codes from the kernel indices: ``tcode`` is sorted (``_fused._plan``)
+    # kernel codes from the kernel indices: ``tcode`` is sorted (``_plan.build_plan``)
     bounds = np.searchsorted(tcode, np.arange(1, 4)).astype(np.int64)
     own, unit = flags & FLAG_OWN != 0, flags & FLAG_UNIT != 0
     use_mom, scaled = flags & FLAG_USE_MOM != 0, flags & FLAG_SCALED != 0

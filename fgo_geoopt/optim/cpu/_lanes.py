@@ -1,6 +1,6 @@
 """Transposes between 16 stored 3x3 kernels and 16 lanes, for the fused 3x3 step.
 
-The fused 3x3 step (``_fused3x3``) computes on entry-major tiles: entry ``j`` of consecutive
+The fused 3x3 step (``_tiles3x3``) computes on entry-major tiles: entry ``j`` of consecutive
 kernels side by side, so that one vector instruction treats 16 kernels. The weights and
 gradients are stored kernel-major (the nine entries of a kernel contiguous), so every tile is
 transposed in and out. Written as plain loops, each of those transposes cost about as much as
@@ -19,7 +19,7 @@ operations:
 
 Per 16 kernels that is 9 permutations and 72 blends instead of 144 scalar moves: a
 ``512x512x3x3`` float32 layer went from 0.17 to 0.06 ns per entry and direction on one thread
-(a loop over the layer's tiles, hot cache). ``_fused16`` builds on ``load_kernels`` and
+(a loop over the layer's tiles, hot cache). ``_vec16`` builds on ``load_kernels`` and
 ``store_kernels``. Tests compare both transposes with numpy's.
 """
 

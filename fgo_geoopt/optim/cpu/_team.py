@@ -10,9 +10,9 @@ that library is called through ctypes with a numba ``cfunc`` that does thread ``
 phase. The work is described by int64 arrays, one per layer (``describe``, ``phase``); one team
 call per kernel path and index type does a phase of all their layers. Float32 layers with one-
 or two-byte kernel indices, the common case, have entry points (compiled on first use, cached
-on disk); everything else keeps the Python thread pool of ``_fused``.
-``FGO_DISABLE_OMP_TEAM=1`` switches this off. ``load`` finds the runtime (``_fused`` asks once
-per process); where finding it, compiling an entry point or calling it fails, ``_fused`` warns
+on disk); everything else keeps the Python thread pool of ``_schedule``.
+``FGO_DISABLE_OMP_TEAM=1`` switches this off. ``load`` finds the runtime (``_schedule`` asks once
+per process); where finding it, compiling an entry point or calling it fails, ``_schedule`` warns
 once and runs on its thread pool. A descriptor's addresses point at arrays of the layer that
 owns it; those of a step's arrays are set by ``refresh`` and dropped by ``clear`` after the step.
 """
@@ -31,8 +31,8 @@ from numba import carray, cfunc, njit, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-from . import _fused3x3, _fused_columns
-from ._fused_flags import FLAG_SCALED, TEAM_BOUNDS, TEAM_NORMS, TEAM_UPDATE, _jit
+from . import _columns, _tiles3x3
+from ._flags import FLAG_SCALED, TEAM_BOUNDS, TEAM_NORMS, TEAM_UPDATE, _jit
 
 __all__ = [
     "BOUNDS",
@@ -110,20 +110,20 @@ def _body(d, is3x3, x, g, m, s, s32, kidx, tcode, pfac, need, hp, tid, nth):
     kpr, kind = d[_KPR], d[_KIND]
     if kind == UPDATE:
         if is3x3:
-            skipped = _fused3x3.pass2(x, g, m, s32, kpr, kidx, tcode, pfac, k0, k1, hp, flags)
+            skipped = _tiles3x3.pass2(x, g, m, s32, kpr, kidx, tcode, pfac, k0, k1, hp, flags)
         else:
-            skipped = _fused_columns.pass2(x, g, m, s, kpr, kidx, tcode, pfac, k0, k1, hp, flags)
+            skipped = _columns.pass2(x, g, m, s, kpr, kidx, tcode, pfac, k0, k1, hp, flags)
         carray(_ptr(d[_OUT]), (d[_ROWS],), np.int64)[tid] = skipped
         return
     r2 = carray(_ptr(d[_R2]), (d[_ROWS], d[_P]), np.float64)[tid]
     if kind == BOUNDS and is3x3:
-        _fused3x3.bounds(x, g, s32, kpr, scaled, kidx, tcode, k0, k1, hp, r2)
+        _tiles3x3.bounds(x, g, s32, kpr, scaled, kidx, tcode, k0, k1, hp, r2)
     elif kind == BOUNDS:
-        _fused_columns.bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, r2)
+        _columns.bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, r2)
     elif is3x3:
-        _fused3x3.pass1(x, g, s32, kpr, scaled, kidx, tcode, need, k0, k1, hp, r2)
+        _tiles3x3.pass1(x, g, s32, kpr, scaled, kidx, tcode, need, k0, k1, hp, r2)
     else:
-        _fused_columns.pass1(x, g, s, kpr, scaled, kidx, tcode, need, k0, k1, hp, r2)
+        _columns.pass1(x, g, s, kpr, scaled, kidx, tcode, need, k0, k1, hp, r2)
 
 
 @njit(**_jit)

@@ -1,6 +1,6 @@
 """The fused step of 16 3x3 kernels at a time, in vector registers.
 
-``_fused3x3`` steps a tile of kernels through entry-major buffers: the kernels are transposed
+``_tiles3x3`` steps a tile of kernels through entry-major buffers: the kernels are transposed
 into them, two loops over the lanes compute, and the results are transposed back. Every one of
 those passes goes through memory. Here a group of 16 kernels goes from the stored weights,
 gradients and momentum to the stored results in one straight piece of code: the kernels are
@@ -18,7 +18,7 @@ lanes. The helpers take their branches through ``_where`` / ``_and`` / ``_not``,
 selects and mask operations on vectors.
 
 A group whose step is not plain (a degenerate retraction, a skipped POM or kernel) stores
-nothing; ``_fused3x3`` redoes it with the tile code, which handles those cases. Steps without
+nothing; ``_tiles3x3`` redoes it with the tile code, which handles those cases. Steps without
 momentum, leftover kernels and scaled groups that straddle two rows take the tile code too.
 """
 
@@ -33,7 +33,7 @@ from numba.core.registry import CPUDispatcher
 from numba.extending import intrinsic
 
 from . import _maths3x3
-from ._fused_flags import (
+from ._flags import (
     _A_B,
     _A_R,
     _C_NEW,
@@ -249,7 +249,7 @@ def _valid(x, g, m, s, kidx, bounds, fac, hp):
 
 def _codes(builder, kidx_ty, data, k, bounds_data):
     """The manifold codes of kernels ``[k, k + 16)``: how many of the three ``bounds`` their
-    index reaches (``_fused._plan`` numbers POMs in the order of their codes)."""
+    index reaches (``_plan.build_plan`` numbers POMs in the order of their codes)."""
     width = kidx_ty.dtype.bitwidth
     ity = ir.IntType(width)
     ptr = builder.bitcast(builder.gep(data, [k]), ir.VectorType(ity, GROUP).as_pointer())
@@ -278,7 +278,7 @@ def step16(typingctx, x, g, m, s, k, kpr, mrow, stride, kidx, bounds, fac, hp, f
     ``m[mrow + j * stride :][:16]``; ``kidx``: the plan's kernel indices, whose codes are
     ``(kidx >= bounds[0]) + (kidx >= bounds[1]) + (kidx >= bounds[2])``; ``fac``: the 16
     Eq. (7) factors (unused with ``FLAG_OWN``: then each kernel's own); ``hp``: the
-    hyper-parameter array (``_fused_flags``); ``flags``: ``_fused_flags.FLAG_*`` bits
+    hyper-parameter array (``_flags``); ``flags``: ``_flags.FLAG_*`` bits
     (ownership, Eq. (7) and the checks are read). Contiguous arrays, one float dtype; no bounds
     are checked.
     """
@@ -351,7 +351,7 @@ def step16(typingctx, x, g, m, s, k, kpr, mrow, stride, kidx, bounds, fac, hp, f
         s_eff, *xg = when(FLAG_SCALED, unit_coordinates, [one, *xv, *gv])
         xv, gv = xg[:9], xg[9:]
 
-        # the same helpers, in the same order, as the lane loops of ``_fused3x3.pass2``, but
+        # the same helpers, in the same order, as the lane loops of ``_tiles3x3.pass2``, but
         # the retraction from the Gram matrix (``_retract_gram``: half the latency)
         r = h["_rgrad"](tp, zero, half, hyper(_WD), tuple(xv), tuple(gv))
         # the kernels' own Eq. (7) factors only where they are used (a square root and a

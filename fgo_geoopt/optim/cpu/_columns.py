@@ -3,8 +3,8 @@
 A kernel is one contiguous column (an output filter), on which the sphere, the oblique manifold
 and Stiefel coincide: project out the component along the column, normalise it. Kernels are
 visited in memory order with loops over their entries that the compiler vectorises, so the work
-splits evenly between threads whatever the POM sizes. The passes match ``_fused3x3``: squared
-gradient norms summed per POM (``pass1``), the Eq. (7) factors (``_fused3x3.pom_factors``) and
+splits evenly between threads whatever the POM sizes. The passes match ``_tiles3x3``: squared
+gradient norms summed per POM (``pass1``), the Eq. (7) factors (``_tiles3x3.pom_factors``) and
 the update (``pass2``), or the update alone when every POM holds one kernel. Tests keep this
 path equal to ``reference.py``.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._fused_flags import (
+from ._flags import (
     _A_B,
     _A_R,
     _C_NEW,
@@ -211,7 +211,7 @@ def _update(x, g, m, s, sc, eu, f, a, hp, use_mom):
 @njit(**_jit_fm)
 def pass2(x, g, m, s, kpr, kidx, tcode, pfac, k0, k1, hp, flags):
     """The update of the kernels in ``[k0, k1)``; returns the number of skipped kernels.
-    ``flags``: ``_fused.FLAG_*`` bits, as ``_fused3x3.pass2``."""
+    ``flags``: ``_flags.FLAG_*`` bits, as ``_tiles3x3.pass2``."""
     scaled, own = flags & FLAG_SCALED != 0, flags & FLAG_OWN != 0
     adaptive, check = flags & FLAG_ADAPTIVE != 0, flags & FLAG_CHECK != 0
     use_mom, unit = flags & FLAG_USE_MOM != 0, flags & FLAG_UNIT != 0

@@ -2,9 +2,9 @@
 
 numba keys its on-disk cache of a function on the source file that defines it (numba 0.68: a
 hash of that file's contents; earlier versions: its time stamp and size). Our fused modules
-call into each other: ``_fused3x3.pass2`` inlines the register code of ``_fused16``, the
+call into each other: ``_tiles3x3.pass2`` inlines the register code of ``_vec16``, the
 lane helpers of ``_maths3x3`` and ``_lanes``, the team entry points of ``_team`` compile all of
-``_fused3x3`` and ``_fused_columns`` into themselves. A cached caller would therefore keep
+``_tiles3x3`` and ``_columns`` into themselves. A cached caller would therefore keep
 the old code of a callee whose file changed while its own did not: after an upgrade of the
 package (whose ``__pycache__`` outlives the files it replaces) or an edit in a working copy.
 
@@ -28,13 +28,12 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 FILES = tuple(
     os.path.join(_HERE, name)
     for name in (
-        "_fused.py",
-        "_fused16.py",
-        "_fused3x3.py",
-        "_fused_aos.py",
-        "_fused_columns.py",
-        "_fused_flags.py",  # codes, flags and the hyper-parameter layout are compiled in
-        "_fused_soa.py",
+        "_vec16.py",
+        "_tiles3x3.py",
+        "_aos.py",
+        "_columns.py",
+        "_flags.py",  # codes, flags and the hyper-parameter layout are compiled in
+        "_soa.py",
         "_lanes.py",
         "_layout.py",  # TILE is compiled in as a constant
         "_maths3x3.py",

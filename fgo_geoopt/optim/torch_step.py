@@ -1,8 +1,8 @@
-"""Batched torch step of FG-SGD on a collection: the readable path, on any device.
+"""The batched torch backend of FG-SGD: any device, any dtype, any manifold.
 
 Per layer: O(number of manifold types) tensor ops (gather the kernels of a type, one call to
-the per-kernel manifold, scatter back), never a loop over kernels or POMs. On CUDA the number
-of kernel launches per step therefore grows with layers x manifold types only.
+the per-kernel manifold, scatter back), never a loop over kernels or POMs. Entry points as the
+CPU backend's: :func:`accepts` (always) and :func:`step`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,53 @@ import torch
 
 from ..collections import KernelCollection
 from ..manifolds._base import compute_dtype
+from ._records import Hyper, Layer
+from ._state import Workspace, momentum_buffer
 
-__all__ = ["batched_collection_step"]
+__all__ = ["accepts", "batched_collection_step", "step"]
+
+
+def accepts(
+    coll: KernelCollection, param: torch.Tensor, workspace: Workspace | None = None
+) -> bool:
+    """The batched torch step takes every collection parameter."""
+    return True
+
+
+def step(layers: list[Layer], hyper: Hyper, workspace: Workspace) -> torch.Tensor | int:
+    """One FG-SGD step of every layer; returns the skipped POMs (a device tensor: no sync).
+
+    Momentum buffers are created (zeros) or converted into the plain ``(K, n)`` layout.
+    """
+    skipped: torch.Tensor | int = 0
+    for layer in layers:
+        p, coll = layer.param, layer.coll
+        buf = None
+        if hyper.momentum != 0:
+            shape = (coll.num_kernels, coll.kernel_numel)
+            buf = momentum_buffer(layer.state, p, shape, None)
+        cache = workspace.of(coll)
+        key = ("torch indices", str(p.device))
+        indices = cache.get(key)
+        if indices is None:
+            indices = cache[key] = coll._indices(p.device)["per_type"]
+        skipped = skipped + batched_collection_step(
+            coll,
+            p,
+            layer.grad,
+            buf,
+            lr=hyper.lr,
+            momentum=hyper.momentum,
+            dampening=hyper.dampening,
+            nesterov=hyper.nesterov,
+            maximize=hyper.maximize,
+            weight_decay=hyper.weight_decay,
+            adaptive=hyper.adaptive,
+            first=layer.first,
+            check=hyper.check,
+            per_type=indices,
+        )
+    return skipped
 
 
 def batched_collection_step(
@@ -30,6 +75,7 @@ def batched_collection_step(
     adaptive: bool,
     first: bool,
     check: bool,
+    per_type: list | None = None,
 ) -> torch.Tensor:
     """One FG-SGD step of ``x`` in place; returns the number of skipped POMs (a tensor).
 
@@ -43,7 +89,8 @@ def batched_collection_step(
         kg = -kg
     a, b = coll.kernel_shape
     escale = coll.elem_scale(x.device, work)
-    per_type = coll._indices(x.device)["per_type"]
+    if per_type is None:
+        per_type = coll._indices(x.device)["per_type"]
     pom_sq = torch.zeros(coll.num_poms, dtype=torch.float64, device=x.device)
     parts = []
     for t, idx, pom, row_pos in per_type:
