@@ -303,10 +303,10 @@ def test_fused_numba_code_shares_one_cache_stamp(tmp_path, monkeypatch):
     sources: a cached caller must not keep the old code of a callee in another file (the team
     entry points compile all of ``_tiles3x3`` into themselves; a stale one ran old code after
     ``_tiles3x3.py`` changed)."""
-    from fgo_geoopt.optim.cpu import _numba_cache, _soa, _team, _tiles3x3
+    from fgo_geoopt.optim.cpu import _bounds3x3, _numba_cache, _soa, _team, _tiles3x3
 
     assert _numba_cache.install()
-    dispatchers = [_tiles3x3.pass2, _tiles3x3.bounds, _soa._soa_chunk]
+    dispatchers = [_tiles3x3.pass2, _bounds3x3.bounds, _soa._soa_chunk]
     if _schedule._team_module() is not None:
         dispatchers.append(_team._entry(True, np.int8))
     for fn in dispatchers:

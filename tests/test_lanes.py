@@ -10,10 +10,10 @@ from fgo_geoopt.optim import cpu
 pytestmark = pytest.mark.skipif(not cpu.AVAILABLE, reason="numba fused backend unavailable")
 
 if cpu.AVAILABLE:
-    from fgo_geoopt.optim.cpu._lanes import GROUP, from_lanes, to_lanes
     from numba import njit
 
-    from fgo_geoopt.optim.cpu import _columns, _flags, _tiles3x3
+    from fgo_geoopt.optim.cpu import _bounds3x3, _columns, _flags
+    from fgo_geoopt.optim.cpu._lanes import GROUP, from_lanes, to_lanes
 
     @njit(cache=False)
     def _in(flat, offset, tile, col):
@@ -55,7 +55,7 @@ def test_lanes_reject_non_contiguous_arrays():
 )
 @pytest.mark.parametrize(("k0", "k1"), [(0, 200), (128, 131), (5, 77)])
 def test_3x3_bounds_equal_the_general_bounds(dtype, scaled, weight_decay, sign, k0, k1):
-    """The 16-kernel lanes of ``_tiles3x3.bounds`` give the per-kernel sums of the general
+    """The 16-kernel lanes of ``_bounds3x3.bounds`` give the per-kernel sums of the general
     code, with Euclidean kernels under weight decay, scales and leftover kernels."""
     rng = np.random.default_rng(3)
     num_k, kpr, poms = 200, 10, 23
@@ -70,7 +70,7 @@ def test_3x3_bounds_equal_the_general_bounds(dtype, scaled, weight_decay, sign, 
         dtype, lr=0.1, c_old=0.9, c_new=1.0, a_r=0.0, a_b=1.0, weight_decay=weight_decay, sign=sign
     )
     fast, general = np.zeros(poms), np.zeros(poms)
-    _tiles3x3.bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, fast)
+    _bounds3x3.bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, fast)
     per_entry = np.repeat(s.astype(np.float64), 9)
     _columns.bounds(x, g, per_entry, kpr, scaled, kidx, tcode, k0, k1, hp, general)
     assert (general > 0).sum() >= min(poms, k1 - k0) // 2  # the range touched most POMs

@@ -10,8 +10,8 @@ import math
 import numpy as np
 from numba import njit
 
-from ._flags import EUCLIDEAN, STIEFEL, _jit, _jit_fm
-from ._soa import _soa_gram_schmidt, _soa_project
+from ._flags import EUCLIDEAN, STIEFEL, _inline, _jit, _jit_fm
+from ._soa import _soa_gram_schmidt, _soa_project, chunk_hyper, chunk_layout
 
 __all__ = ["aos_chunk"]
 
@@ -153,28 +153,10 @@ def _aos_rgrad(x, g, s, off, sc, code, ncol, nrow, cst, est, sign, wd, rg):
 
 
 @njit(**_jit_fm)
-def _aos_update(
-    x,
-    m,
-    s,
-    off,
-    sc,
-    code,
-    ncol,
-    nrow,
-    cst,
-    est,
-    rg,
-    inv_tau,
-    lr,
-    mu,
-    damp,
-    nesterov,
-    use_mom,
-    first,
-    eps,
-    tiny,
-):
+def _aos_update(x, m, s, off, sc, code, ncol, nrow, cst, est, rg, inv_tau, hyp):
+    """Momentum, step, retraction and transport of one kernel, in place (``hyp``: the step's
+    ``ChunkHyper``)."""
+    lr, mu, damp, nesterov, _, _, _, use_mom, first, _, eps, tiny = chunk_hyper(hyp)
     n = x.shape[0]
     for j in range(n):
         r = rg[j] * inv_tau
@@ -224,71 +206,76 @@ def _aos_update(
             x[j] *= s[off + j]
 
 
+@njit(**_inline)
+def _kernel_rgrad(x, g, s, off, geom, sign, wd, rg):
+    """Riemannian gradient of one kernel into ``rg``; returns its squared norm. ``geom``:
+    ``(scaled, code, ncol, nrow, cst, est)`` of the kernel."""
+    sc, code, ncol, nrow, cst, est = geom
+    if ncol == 1:  # sphere and Euclidean kernels: the whole kernel is one column
+        return _col_rgrad(x, g, s, off, sc, sign, wd, code == EUCLIDEAN, rg)
+    return _aos_rgrad(x, g, s, off, sc, code, ncol, nrow, cst, est, sign, wd, rg)
+
+
+@njit(**_inline)
+def _kernel_update(x, m, s, off, geom, rg, inv_tau, hyp, mix):
+    """Momentum, step, retraction and transport of one kernel, in place. ``mix``:
+    ``(c_old, c_new, a_r, a_b)``, how the buffer and the direction combine this step."""
+    sc, code, ncol, nrow, cst, est = geom
+    if ncol == 1:
+        c_old, c_new, a_r, a_b = mix
+        euc = code == EUCLIDEAN
+        _col_update(
+            x,
+            m,
+            s,
+            off,
+            sc,
+            euc,
+            rg,
+            inv_tau,
+            hyp.lr,
+            c_old,
+            c_new,
+            a_r,
+            a_b,
+            hyp.use_mom,
+            hyp.tiny,
+        )
+    else:
+        _aos_update(x, m, s, off, sc, code, ncol, nrow, cst, est, rg, inv_tau, hyp)
+
+
 @njit(**_jit)
 def _aos_chunk(ch, x, g, m, s, lay, hyp, nchunks):
     """Piece ``ch`` of ``nchunks`` of a layer, a POM at a time; returns the POMs skipped."""
-    kpr, scaled, pom_ptr, pom_kernels, singleton, pom_type, codes, geo = (
-        lay.kpr,
-        lay.scaled,
-        lay.pom_ptr,
-        lay.pom_kernels,
-        lay.singleton,
-        lay.pom_type,
-        lay.codes,
-        lay.geo,
-    )
-    lr, mu, damp, nesterov, sign, wd, adaptive, use_mom, first, check, eps, tiny = (
-        hyp.lr,
-        hyp.mu,
-        hyp.damp,
-        hyp.nesterov,
-        hyp.sign,
-        hyp.wd,
-        hyp.adaptive,
-        hyp.use_mom,
-        hyp.first,
-        hyp.check,
-        hyp.eps,
-        hyp.tiny,
-    )
+    kpr, scaled, pom_ptr, pom_kernels, singleton, pom_type, codes, geo, _, _ = chunk_layout(lay)
+    _, mu, damp, nesterov, sign, wd, adaptive, use_mom, first, check, _, _ = chunk_hyper(hyp)
     num_poms = pom_type.shape[0]
     n = x.shape[1]
     skipped = 0
     rg = np.empty(n, x.dtype)
     c_old, c_new = (0.0, 1.0) if first else (mu, 1.0 - damp)
     a_r, a_b = (1.0, mu) if nesterov else (0.0, 1.0)
+    mix = (c_old, c_new, a_r, a_b)
     for p in range(ch * num_poms // nchunks, (ch + 1) * num_poms // nchunks):
         code = codes[pom_type[p]]
-        ncol, nrow, cst, est = geo[code, 0], geo[code, 1], geo[code, 2], geo[code, 3]
+        geom = (
+            scaled and code != EUCLIDEAN,
+            code,
+            geo[code, 0],
+            geo[code, 1],
+            geo[code, 2],
+            geo[code, 3],
+        )
         q0 = p if singleton else pom_ptr[p]
         q1 = p + 1 if singleton else pom_ptr[p + 1]
-        sc = scaled and code != EUCLIDEAN
-        col = ncol == 1  # sphere and Euclidean kernels: the whole kernel is one column
-        euc = code == EUCLIDEAN
         inv_tau = 1.0
         have_rg = False
         if adaptive or check:
             r2 = 0.0
             for q in range(q0, q1):
                 k = q if singleton else pom_kernels[q]
-                if col:
-                    r2 += _col_rgrad(x[k], g[k], s, (k % kpr) * n, sc, sign, wd, euc, rg)
-                else:
-                    r2 += _aos_rgrad(
-                        x[k],
-                        g[k],
-                        s,
-                        (k % kpr) * n,
-                        sc,
-                        code,
-                        ncol,
-                        nrow,
-                        cst,
-                        est,
-                        sign,
-                        wd,
-                        rg,
-                    )
+                r2 += _kernel_rgrad(x[k], g[k], s, (k % kpr) * n, geom, sign, wd, rg)
             if check and not math.isfinite(r2):
                 skipped += 1
                 if use_mom and first:
@@ -304,66 +291,10 @@ def _aos_chunk(ch, x, g, m, s, lay, hyp, nchunks):
             have_rg = q1 - q0 == 1
         for q in range(q0, q1):
             k = q if singleton else pom_kernels[q]
+            off = (k % kpr) * n
             if not have_rg:
-                if col:
-                    _col_rgrad(x[k], g[k], s, (k % kpr) * n, sc, sign, wd, euc, rg)
-                else:
-                    _aos_rgrad(
-                        x[k],
-                        g[k],
-                        s,
-                        (k % kpr) * n,
-                        sc,
-                        code,
-                        ncol,
-                        nrow,
-                        cst,
-                        est,
-                        sign,
-                        wd,
-                        rg,
-                    )
-            if col:
-                _col_update(
-                    x[k],
-                    m[k],
-                    s,
-                    (k % kpr) * n,
-                    sc,
-                    euc,
-                    rg,
-                    inv_tau,
-                    lr,
-                    c_old,
-                    c_new,
-                    a_r,
-                    a_b,
-                    use_mom,
-                    tiny,
-                )
-            else:
-                _aos_update(
-                    x[k],
-                    m[k],
-                    s,
-                    (k % kpr) * n,
-                    sc,
-                    code,
-                    ncol,
-                    nrow,
-                    cst,
-                    est,
-                    rg,
-                    inv_tau,
-                    lr,
-                    mu,
-                    damp,
-                    nesterov,
-                    use_mom,
-                    first,
-                    eps,
-                    tiny,
-                )
+                _kernel_rgrad(x[k], g[k], s, off, geom, sign, wd, rg)
+            _kernel_update(x[k], m[k], s, off, geom, rg, inv_tau, hyp, mix)
     return skipped
 
 

@@ -4,7 +4,7 @@ A kernel is one contiguous column (an output filter), on which the sphere, the o
 and Stiefel coincide: project out the component along the column, normalise it. Kernels are
 visited in memory order with loops over their entries that the compiler vectorises, so the work
 splits evenly between threads whatever the POM sizes. The passes match ``_tiles3x3``: squared
-gradient norms summed per POM (``pass1``), the Eq. (7) factors (``_tiles3x3.pom_factors``) and
+gradient norms summed per POM (``pass1``), the Eq. (7) factors (``_factors.pom_factors``) and
 the update (``pass2``), or the update alone when every POM holds one kernel. Tests keep this
 path equal to ``reference.py``.
 """

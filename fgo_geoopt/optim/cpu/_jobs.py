@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .._records import Hyper
-from . import _columns, _tiles3x3
+from . import _bounds3x3, _columns, _factors, _tiles3x3
 from ._aos import aos_chunk
 from ._flags import (
     FLAG_ADAPTIVE,
@@ -197,6 +197,7 @@ class _InOrder:
 
     def __init__(self, module, coll, plan: Plan, dtype):
         self.module, self.dtype = module, dtype
+        self.bounds_fn = _bounds3x3.bounds if module is _tiles3x3 else _columns.bounds
         self.num_k, self.kpr, self.num_poms = coll.num_kernels, coll.kernels_per_row, coll.num_poms
         self.kidx, self.tcode = plan.kidx, plan.tcode
         self.own = coll.pom_ptr is None  # one kernel per POM: each its own Eq. (7) unit
@@ -268,7 +269,7 @@ class _InOrder:
 
     def factors_are_one(self) -> bool:
         """Whether every POM's factor is 1 (the update then reads none)."""
-        return not self.coupled or _tiles3x3.all_one(self.pfac)
+        return not self.coupled or _factors.all_one(self.pfac)
 
     def team_phase(self, team, kind, threads):
         """This layer's part of a call of ``team`` (the ``_team`` module) for phase ``kind``:
@@ -302,11 +303,11 @@ class _InOrder:
     def bounds(self, c, parts):
         k0, k1 = _split_bounds(self.num_k, c, parts, self.align)
         args = (self.x, self.g, self.s, self.kpr, self.scaled, self.kidx, self.tcode)
-        self.module.bounds(*args, k0, k1, self.hp, self.sums["bounds"][c])
+        self.bounds_fn(*args, k0, k1, self.hp, self.sums["bounds"][c])
         return 0
 
     def decide(self, c, parts):
-        self.marked, skipped = _tiles3x3.decide(
+        self.marked, skipped = _factors.decide(
             self.sums["bounds"], self.tcode, self.adaptive, self.check, self.pfac, self.need
         )
         if 2 * self.marked > self.num_poms:
@@ -322,7 +323,7 @@ class _InOrder:
         return 0
 
     def factors(self, c, parts):
-        return _tiles3x3.pom_factors(
+        return _factors.pom_factors(
             self.sums["exact"], self.adaptive, self.check, self.pfac, self.need
         )
 

@@ -30,6 +30,8 @@ FILES = tuple(
     for name in (
         "_vec16.py",
         "_tiles3x3.py",
+        "_bounds3x3.py",
+        "_factors.py",
         "_aos.py",
         "_columns.py",
         "_flags.py",  # codes, flags and the hyper-parameter layout are compiled in

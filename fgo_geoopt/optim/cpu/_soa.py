@@ -14,9 +14,9 @@ import math
 import numpy as np
 from numba import njit
 
-from ._flags import EUCLIDEAN, STIEFEL, _jit
+from ._flags import EUCLIDEAN, STIEFEL, _inline, _jit
 
-__all__ = ["soa_chunk"]
+__all__ = ["chunk_hyper", "chunk_layout", "soa_chunk"]
 
 
 @njit(**_jit)
@@ -167,11 +167,10 @@ def _fallback_column(X, i, c, nrow, cst, est):
     return math.sqrt(best_n)
 
 
-@njit(**_jit)
-def _soa_chunk(ch, x, g, m, s, lay, hyp, nchunks):
-    """Piece ``ch`` of ``nchunks`` of a layer, a block of POMs at a time; returns the POMs
-    skipped."""
-    kpr, scaled, pom_ptr, pom_kernels, singleton, pom_type, codes, blocks, cap, geo = (
+@njit(**_inline)
+def chunk_layout(lay):
+    """The fields of a ``ChunkLayout``, in order, as locals of the caller (inlined)."""
+    return (
         lay.kpr,
         lay.scaled,
         lay.pom_ptr,
@@ -179,11 +178,16 @@ def _soa_chunk(ch, x, g, m, s, lay, hyp, nchunks):
         lay.singleton,
         lay.pom_type,
         lay.codes,
+        lay.geo,
         lay.blocks,
         lay.cap,
-        lay.geo,
     )
-    lr, mu, damp, nesterov, sign, wd, adaptive, use_mom, first, check, eps, tiny = (
+
+
+@njit(**_inline)
+def chunk_hyper(hyp):
+    """The fields of a ``ChunkHyper``, in order, as locals of the caller (inlined)."""
+    return (
         hyp.lr,
         hyp.mu,
         hyp.damp,
@@ -197,6 +201,16 @@ def _soa_chunk(ch, x, g, m, s, lay, hyp, nchunks):
         hyp.eps,
         hyp.tiny,
     )
+
+
+@njit(**_jit)
+def _soa_chunk(ch, x, g, m, s, lay, hyp, nchunks):
+    """Piece ``ch`` of ``nchunks`` of a layer, a block of POMs at a time; returns the POMs
+    skipped."""
+    kpr, scaled, pom_ptr, pom_kernels, singleton, pom_type, codes, geo, blocks, cap = chunk_layout(
+        lay
+    )
+    lr, mu, damp, nesterov, sign, wd, adaptive, use_mom, first, check, eps, tiny = chunk_hyper(hyp)
     n = x.shape[1]
     nblocks = blocks.shape[0] - 1
     dt = x.dtype

@@ -26,12 +26,12 @@ import sys
 
 import numpy as np
 import torch
-from llvmlite import binding as llvm
+from llvmlite import ir
 from numba import carray, cfunc, njit, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-from . import _columns, _tiles3x3
+from . import _bounds3x3, _columns, _tiles3x3
 from ._flags import FLAG_SCALED, TEAM_BOUNDS, TEAM_NORMS, TEAM_UPDATE, _jit
 
 __all__ = [
@@ -77,8 +77,10 @@ BOUNDS, NORMS, UPDATE = TEAM_BOUNDS, TEAM_NORMS, TEAM_UPDATE
 ) = range(23)
 DESC_LEN = 23
 
-_omp_thread = types.ExternalFunction("omp_get_thread_num", types.intc())
-_omp_threads = types.ExternalFunction("omp_get_num_threads", types.intc())
+#: Int64 slots before the descriptors in a team call's table: the number of layers and the
+#: addresses of torch's ``omp_get_thread_num`` / ``omp_get_num_threads`` (read at each call,
+#: so nothing is bound process-wide and no address is kept between calls).
+_HEAD = 3
 
 
 @intrinsic
@@ -89,6 +91,17 @@ def _ptr(typingctx, address):
         return builder.inttoptr(args[0], cgutils.voidptr_t)
 
     return types.voidptr(address), codegen
+
+
+@intrinsic
+def _call_int(typingctx, address):
+    """Call the C function ``int f(void)`` at the int64 ``address``."""
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.IntType(32), [])
+        return builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [])
+
+    return types.int32(address), codegen
 
 
 @njit(**_jit)
@@ -117,7 +130,7 @@ def _body(d, is3x3, x, g, m, s, s32, kidx, tcode, pfac, need, hp, tid, nth):
         return
     r2 = carray(_ptr(d[_R2]), (d[_ROWS], d[_P]), np.float64)[tid]
     if kind == BOUNDS and is3x3:
-        _tiles3x3.bounds(x, g, s32, kpr, scaled, kidx, tcode, k0, k1, hp, r2)
+        _bounds3x3.bounds(x, g, s32, kpr, scaled, kidx, tcode, k0, k1, hp, r2)
     elif kind == BOUNDS:
         _columns.bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, r2)
     elif is3x3:
@@ -146,7 +159,7 @@ def _arrays_f32(d):
 def _layers(table, is3x3, kidx_type, tid, nth):
     """Thread ``tid`` of ``nth``: its share of every layer described in ``table``."""
     for i in range(table[0]):
-        d = table[1 + i * DESC_LEN : 1 + (i + 1) * DESC_LEN]
+        d = table[_HEAD + i * DESC_LEN : _HEAD + (i + 1) * DESC_LEN]
         x, g, m, s, s32, tcode, pfac, need, hp = _arrays_f32(d)
         kidx = carray(_ptr(d[_KIDX]), (d[_K],), kidx_type)
         _body(d, is3x3, x, g, m, s, s32, kidx, tcode, pfac, need, hp, tid, nth)
@@ -189,12 +202,11 @@ def load() -> bool:
     lib = _find_libgomp()
     if lib is None:
         return False
-    for name in _OMP_NAMES:  # the cfuncs call these by name: torch's runtime, not another
-        llvm.add_symbol(name, ctypes.cast(getattr(lib, name), ctypes.c_void_p).value)
     gomp_parallel = lib.GOMP_parallel
     gomp_parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
     gomp_parallel.restype = None
-    _GOMP[:] = [gomp_parallel]
+    # the entry points call torch's runtime through these, passed with every call
+    _GOMP[:] = [gomp_parallel, *(getattr(lib, name) for name in _OMP_NAMES)]
     KEYS = frozenset((path, kidx) for path in ("3x3", "columns") for kidx in ("uint16", "int8"))
     return True
 
@@ -205,8 +217,8 @@ def _entry(is3x3, kidx_type):
     @cfunc(_SIG, **_CF)
     def entry(data):
         layers = carray(data, (1,), np.int64)[0]
-        table = carray(data, (1 + layers * DESC_LEN,), np.int64)
-        _layers(table, is3x3, kidx_type, _omp_thread(), _omp_threads())
+        table = carray(data, (_HEAD + layers * DESC_LEN,), np.int64)
+        _layers(table, is3x3, kidx_type, _call_int(table[1]), _call_int(table[2]))
 
     return entry
 
@@ -225,8 +237,10 @@ def entry(key: tuple[str, str]) -> int:
 def run(path: str, kidx_name: str, descs: list[np.ndarray], threads: int) -> None:
     """Run the phases described by ``descs`` (layers of one path and index type) on a team of
     ``threads`` threads: one team call for all of them. Blocks until done."""
-    table = np.concatenate([np.array([len(descs)], np.int64), *descs])
-    _GOMP[0](entry((path, kidx_name)), table.ctypes.data, threads, 0)
+    gomp_parallel, thread_num, num_threads = _GOMP
+    head = [len(descs), *(ctypes.cast(f, ctypes.c_void_p).value for f in (thread_num, num_threads))]
+    table = np.concatenate([np.array(head, np.int64), *descs])
+    gomp_parallel(entry((path, kidx_name)), table.ctypes.data, threads, 0)
 
 
 def describe(*, k, n, kpr, align, kidx, tcode, pfac, need, hp):

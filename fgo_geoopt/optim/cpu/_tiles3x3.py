@@ -25,14 +25,13 @@ kernel: the functions here take them as ``s``, the scale of each kernel of a wei
 (``kernels_per_row`` entries, the parameter's dtype; kernel ``k`` has ``s[k % kpr]``).
 
 Eq. (7) couples the kernels of a POM, so a layer whose POMs hold several kernels takes more
-passes: gradient bounds per POM (``bounds``), a decision (``decide``), exact squared norms where
-the bound does not settle the factor (``pass1``, ``pom_factors``), and the update. One-kernel
+passes: gradient bounds per POM (``_bounds3x3.bounds``), a decision (``_factors.decide``), exact
+squared norms where the bound does not settle the factor (``pass1``, ``_factors.pom_factors``),
+and the update. One-kernel
 POMs fold all of it into ``pass2``. Tests keep this path equal to ``reference.py``.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from numba import njit
@@ -81,13 +80,8 @@ from ._soa import _soa_gram_schmidt, _soa_normalize_columns, _soa_project, _soa_
 from ._vec16 import step16
 
 __all__ = [
-    "CERTAIN",
-    "all_one",
-    "bounds",
-    "decide",
     "pass1",
     "pass2",
-    "pom_factors",
     "tile_buffers",
 ]
 
@@ -184,125 +178,6 @@ def pass1(x, g, s, kpr, scaled, kidx, tcode, need, k0, k1, hp, r2):
             sq[i] = _sqnorm(r)
         for i in range(nt):
             r2[kidx[lanes[i]]] += sq[i]
-
-
-@njit(**_inline)
-def _bound(x, g, s, kpr, scaled, eu, wd, k, zero):
-    """``|g|^2`` of kernel ``k`` in unit coordinates, ``|g + wd x|^2`` if it is Euclidean."""
-    t = zero
-    for j in range(9):
-        v = g[k, j]
-        if eu:
-            v = v + wd * x[k, j]
-        t += v * v
-    if scaled and not eu:
-        t = t * (s[k % kpr] * s[k % kpr])
-    return t
-
-
-@njit(**_jit_fm)
-def bounds(x, g, s, kpr, scaled, kidx, tcode, k0, k1, hp, r2):
-    """Upper bounds of the squared Riemannian gradient norms of the kernels in ``[k0, k1)``,
-    summed per POM into ``r2``, as ``_columns.bounds``: ``|g|^2`` of 16 kernels at a
-    time from entry-major lanes (``_lanes``), which reads nothing but ``g``; the sums of scaled
-    kernels are multiplied by their scale squared, Euclidean kernels under weight decay are
-    redone one by one."""
-    G = np.empty((9, GROUP), g.dtype)
-    sq = np.empty(GROUP, g.dtype)
-    zero, one = hp[_ZERO], hp[_ONE]
-    wd = hp[_SIGN] * hp[_WD]  # (sign g + wd x)^2 == (g + sign wd x)^2
-    general = scaled or wd != 0
-    full = k0 + (k1 - k0) // GROUP * GROUP
-    for k in range(k0, full, GROUP):
-        to_lanes(g, k * 9, G, 0)
-        for i in range(GROUP):
-            sq[i] = (
-                (G[0, i] * G[0, i] + G[1, i] * G[1, i] + G[2, i] * G[2, i])
-                + (G[3, i] * G[3, i] + G[4, i] * G[4, i] + G[5, i] * G[5, i])
-                + (G[6, i] * G[6, i] + G[7, i] * G[7, i] + G[8, i] * G[8, i])
-            )
-        c = k % kpr  # kernel k + i sits at c + i of its row (wrapped): no division per kernel
-        for i in range(GROUP):
-            p = kidx[k + i]
-            if general:
-                eu = tcode[p] == EUCLIDEAN
-                if wd != 0 and eu:
-                    sq[i] = _bound(x, g, s, kpr, scaled, eu, wd, k + i, zero)
-                elif scaled:  # a select, not a branch on the kernel's type
-                    sc = s[c]
-                    sq[i] = sq[i] * (one if eu else sc * sc)
-            r2[p] += sq[i]
-            c += 1
-            if c == kpr:
-                c = 0
-    for k in range(full, k1):
-        p = kidx[k]
-        r2[p] += _bound(x, g, s, kpr, scaled, tcode[p] == EUCLIDEAN, wd, k, zero)
-
-
-@njit(**_jit)
-def all_one(pfac):
-    """Whether every factor in ``pfac`` is 1."""
-    return np.all(pfac == 1)
-
-
-@njit(**_jit)
-def pom_factors(partials, adaptive, check, out, need):
-    """Eq. (7) factor ``1 / tau`` of the POMs marked in ``need`` from the per-piece sums of
-    ``pass1`` into ``out`` (``-1``: a non-finite norm, the POM is skipped); returns the
-    skipped count."""
-    skipped = 0
-    for p in range(partials.shape[1]):
-        if not need[p]:
-            continue
-        r2 = 0.0
-        for c in range(partials.shape[0]):
-            r2 += partials[c, p]
-        factor, skip = _factor(r2, adaptive, check)
-        out[p] = factor
-        skipped += skip
-    return skipped
-
-
-@njit(**_jit)
-def _factor(r2, adaptive, check):
-    """Eq. (7), Ozay 2019: ``1 / tau`` with ``tau = max(1, R (2 + R))``; ``-1`` to skip."""
-    if check and not math.isfinite(r2):
-        return -1.0, 1
-    if adaptive:
-        big_r = math.sqrt(r2)
-        tau = big_r * (2.0 + big_r)
-        if tau > 1.0:
-            return 1.0 / tau, 0
-    return 1.0, 0
-
-
-#: ``R^2`` below which Eq. (7) leaves the step alone, with a margin against rounding:
-#: ``R (2 + R) <= 1`` for ``R^2 <= 3 - 2 sqrt(2)``.
-CERTAIN = 0.9 * (3.0 - 2.0 * math.sqrt(2.0))
-
-
-@njit(**_jit)
-def decide(partials, tcode, adaptive, check, out, need):
-    """Step factors from the per-POM sums of ``bounds``: exact for Euclidean POMs, ``1`` for
-    POMs whose bound proves that Eq. (7) cannot shrink their step; the others are marked in
-    ``need`` for the exact norms of ``pass1``. Returns ``(marked, skipped)``."""
-    marked = skipped = 0
-    for p in range(partials.shape[1]):
-        r2 = 0.0
-        for c in range(partials.shape[0]):
-            r2 += partials[c, p]
-        need[p] = 0
-        if tcode[p] == EUCLIDEAN:
-            factor, skip = _factor(r2, adaptive, check)
-            out[p] = factor
-            skipped += skip
-        elif math.isfinite(r2) and (r2 <= CERTAIN or not adaptive):
-            out[p] = 1.0
-        else:
-            need[p] = 1
-            marked += 1
-    return marked, skipped
 
 
 @njit(**_jit)
