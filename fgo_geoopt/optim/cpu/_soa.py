@@ -19,6 +19,17 @@ from ._flags import EUCLIDEAN, STIEFEL, _inline, _jit
 __all__ = ["chunk_hyper", "chunk_layout", "soa_chunk"]
 
 
+@njit(**_inline)
+def _column_dot(X, c, V, c2, out, nk, nrow, cst, est):
+    """``out[i] = <column c of X, column c2 of V>`` for each of the ``nk`` kernels."""
+    for i in range(nk):
+        out[i] = 0.0
+    for r in range(nrow):
+        j, j2 = c * cst + r * est, c2 * cst + r * est
+        for i in range(nk):
+            out[i] += X[j, i] * V[j2, i]
+
+
 @njit(**_jit)
 def _soa_project(code, X, V, OUT, C, nk, ncol, nrow, cst, est):
     """Tangent projection of ``V`` at the points ``X`` into ``OUT`` (``OUT`` may be ``V``).
@@ -57,12 +68,7 @@ def _soa_project(code, X, V, OUT, C, nk, ncol, nrow, cst, est):
     else:
         for c in range(ncol):
             a = C[0]
-            for i in range(nk):
-                a[i] = 0.0
-            for r in range(nrow):
-                j = c * cst + r * est
-                for i in range(nk):
-                    a[i] += X[j, i] * V[j, i]
+            _column_dot(X, c, V, c, a, nk, nrow, cst, est)
             for r in range(nrow):
                 j = c * cst + r * est
                 for i in range(nk):
@@ -90,12 +96,7 @@ def _soa_rgrad(code, X, G, R, C, sq, nk, ncol, nrow, cst, est):
 def _soa_normalize_columns(X, C, nk, ncol, nrow, cst, est, tiny):
     for c in range(ncol):
         a = C[0]
-        for i in range(nk):
-            a[i] = 0.0
-        for r in range(nrow):
-            j = c * cst + r * est
-            for i in range(nk):
-                a[i] += X[j, i] * X[j, i]
+        _column_dot(X, c, X, c, a, nk, nrow, cst, est)
         fill = 1.0 / math.sqrt(nrow)
         for i in range(nk):
             a[i] = 1.0 / math.sqrt(a[i]) if a[i] > tiny * tiny else -1.0
@@ -110,30 +111,15 @@ def _soa_gram_schmidt(X, C, nk, ncol, nrow, cst, est, eps):
     """CGS2 on the columns of every kernel of the block (as ``orthonormalize``)."""
     ref, d = C[0], C[1]
     for c in range(ncol):
-        for i in range(nk):
-            ref[i] = 0.0
-        for r in range(nrow):
-            j = c * cst + r * est
-            for i in range(nk):
-                ref[i] += X[j, i] * X[j, i]
+        _column_dot(X, c, X, c, ref, nk, nrow, cst, est)
         for _ in range(2):
             for c2 in range(c):
-                for i in range(nk):
-                    d[i] = 0.0
-                for r in range(nrow):
-                    j, j2 = c * cst + r * est, c2 * cst + r * est
-                    for i in range(nk):
-                        d[i] += X[j2, i] * X[j, i]
+                _column_dot(X, c, X, c2, d, nk, nrow, cst, est)
                 for r in range(nrow):
                     j, j2 = c * cst + r * est, c2 * cst + r * est
                     for i in range(nk):
                         X[j, i] -= d[i] * X[j2, i]
-        for i in range(nk):
-            d[i] = 0.0
-        for r in range(nrow):
-            j = c * cst + r * est
-            for i in range(nk):
-                d[i] += X[j, i] * X[j, i]
+        _column_dot(X, c, X, c, d, nk, nrow, cst, est)
         for i in range(nk):
             nrm = math.sqrt(d[i])
             if not nrm > 16.0 * eps * max(math.sqrt(ref[i]), 1.0):
