@@ -11,6 +11,11 @@ extra; the layer's :class:`~fgo_geoopt.KernelCollection` knows ``R`` and keeps `
 manifolds. :class:`Rescaler` gathers the statistics with forward pre-hooks (float64 running
 sums, no extra forward pass, no stored activations) and, at the end of an epoch,
 :meth:`Rescaler.update` recomputes ``R`` and rescales the stored weights.
+
+This module holds the :class:`Rescaler` and re-exports the public helpers it is built on:
+the ``gamma`` choices (``_gammas.py``), the coordinates of a re-scaled layer
+(``_unit_coords.py``); the per-layer statistics and their all-reduce are in
+``_channel_stats.py``.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import geoopt
 import torch
 from torch import nn
 
-from .collections import KernelCollection
+from ._channel_stats import RescaledLayer, all_reduce_stats, mean_gammas
+from ._gammas import GAMMAS, GammaFn, fan_gamma, glorot_gamma, matched_gamma
+from ._unit_coords import entry_scale, unit_weight, wrapped_layers
 
 __all__ = [
     "GAMMAS",
@@ -37,233 +43,6 @@ __all__ = [
     "unit_weight",
     "wrapped_layers",
 ]
-
-#: ``gamma_fn(module, collection) -> gamma``: the constant of one wrapped layer.
-GammaFn = Callable[[nn.Module, KernelCollection], float]
-
-
-# ---------------------------------------------------------------------------- gamma choices
-def _fans(weight: torch.Tensor) -> tuple[int, int]:
-    """``(fan_in, fan_out)`` as :func:`torch.nn.init.xavier_uniform_` counts them."""
-    receptive = weight[0][0].numel() if weight.dim() > 2 else 1
-    return weight.shape[1] * receptive, weight.shape[0] * receptive
-
-
-def fan_gamma(module: nn.Module, collection: KernelCollection) -> float:
-    r"""The default ``gamma = sqrt(1 / (fan_in + fan_out))`` (``docs/design.md``).
-
-    The paper's own formula for the geometric constant could not be read; this Glorot-like
-    constant is our [decision]. With ``R = gamma / lambda`` the effective kernel applied to a
-    whitened channel ``x / lambda`` is ``gamma * w``. In the networks of the paper a
-    normalisation layer follows every weight layer, which makes the function and the FG-SGD
-    iterates invariant to a per-layer constant (see ``docs/rescaling.md``): ``gamma`` then only
-    sets the size of the stored weights, and this choice keeps the per-POM norms of Table 2
-    below 1. ``fan_in = c_in k_h k_w``, ``fan_out = c_out k_h k_w``.
-    """
-    fan_in, fan_out = _fans(module.weight)
-    return math.sqrt(1.0 / (fan_in + fan_out))
-
-
-def glorot_gamma(module: nn.Module, collection: KernelCollection) -> float:
-    r"""``gamma`` giving the effective weight Glorot's entry variance on whitened input.
-
-    ``gamma = sqrt(2 / (fan_in + fan_out)) / rms(w)``, with ``rms(w)`` the root mean square
-    entry of the layer's constrained kernels in unit coordinates (``1 / sqrt(k_h k_w)`` on the
-    sphere, ``sqrt(B / (A B))`` on Ob / St, ``1 / sqrt(c_in k_h k_w)`` in the filter view). The
-    effective kernel ``gamma * w`` then has the entry variance ``2 / (fan_in + fan_out)`` of
-    Glorot initialisation, so a layer fed with whitened channels produces outputs of variance
-    ``2 fan_in / (fan_in + fan_out)``. Use it for layers that no normalisation follows (e.g. a
-    wrapped classifier, whose logits the default constant would keep small).
-    """
-    weight = module.weight.detach()
-    fan_in, fan_out = _fans(weight)
-    unit = unit_weight(weight, collection).to(torch.float64)
-    mask = _constrained_entries(collection, unit.device)
-    if not bool(mask.any()):
-        return math.sqrt(2.0 / (fan_in + fan_out))
-    rms = float(unit.reshape(mask.shape)[mask].pow(2).mean().sqrt())
-    if rms == 0.0:
-        return math.sqrt(2.0 / (fan_in + fan_out))
-    return math.sqrt(2.0 / (fan_in + fan_out)) / rms
-
-
-def matched_gamma(module: nn.Module, collection: KernelCollection) -> float:
-    r"""``gamma`` that gives the stored constrained kernels the scale of the model's own init.
-
-    ``gamma = rms(W_init) / rms(w)``: ``rms(W_init)`` is the root mean square entry of the
-    layer's weight before :func:`fgo_geoopt.wrap` projected it (recorded by ``wrap``; for a
-    collection built otherwise, the Kaiming ``sqrt(2 / fan_out)`` of timm's ResNets), and
-    ``rms(w)`` that of the constrained kernels in unit coordinates. With ``lambda = 1`` the
-    stored weight ``R * w`` then has the entry scale that initialisation gave the plain model,
-    and so do the Euclidean kernels of a mix, which are never scaled: both kinds of kernel
-    contribute to a filter on the same footing. Combined with ``FGSGD(metric="stored")`` a
-    step then turns every filter by about the angle SGD turns it at the same ``lr``
-    (``docs/optimizer.md``, "The learning-rate geometry").
-    """
-    weight = module.weight.detach()
-    _, fan_out = _fans(weight)
-    target = getattr(collection, "init_rms", None)
-    if target is None:
-        target = math.sqrt(2.0 / fan_out)
-    unit = unit_weight(weight, collection).to(torch.float64)
-    mask = _constrained_entries(collection, unit.device)
-    if not bool(mask.any()):
-        return float(target)
-    rms = float(unit.reshape(mask.shape)[mask].pow(2).mean().sqrt())
-    return float(target) / rms if rms > 0.0 else float(target)
-
-
-#: The built-in choices of ``gamma``, by the name :class:`Rescaler` and the recipes accept.
-GAMMAS: dict[str, GammaFn] = {"fan": fan_gamma, "glorot": glorot_gamma, "matched": matched_gamma}
-
-
-# ---------------------------------------------------------------------------- helpers
-def _constrained_entries(collection: KernelCollection, device: torch.device) -> torch.Tensor:
-    """``(c_out, c_in k_h k_w)`` boolean mask of the entries of non-Euclidean kernels."""
-    c_out = collection.shape[0]
-    if "euclidean" in collection.manifold_names:
-        euc = collection.manifold_names.index("euclidean")
-        constrained = collection.kernel_type() != euc
-    else:
-        constrained = torch.ones(collection.num_kernels, dtype=torch.bool)
-    mask = constrained.view(c_out, collection.kernels_per_row)
-    mask = mask.repeat_interleave(collection.kernel_numel, dim=1)
-    return mask.to(device)
-
-
-def entry_scale(
-    collection: KernelCollection,
-    *,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str | None = None,
-    scale: torch.Tensor | None = None,
-) -> torch.Tensor | None:
-    """The factor of every weight entry, in the layer's weight shape: ``R[c]`` or 1.
-
-    Entries of constrained kernels of input channel ``c`` get ``R[c]``; Euclidean kernels are
-    never scaled and get 1.
-
-    Args:
-        collection: The layer's collection.
-        dtype: Dtype of the result.
-        device: Device of the result.
-        scale: Use these per-input-channel scales instead of ``collection.scale``.
-
-    Returns:
-        A tensor of shape ``collection.shape``, or ``None`` when there are no scales.
-    """
-    scale = collection.scale if scale is None else scale
-    if scale is None:
-        return None
-    scale = torch.as_tensor(scale, dtype=torch.float64).to(device)
-    row = scale.repeat_interleave(collection.channel_numel)
-    mask = _constrained_entries(collection, row.device)
-    out = torch.where(mask, row.unsqueeze(0), torch.ones((), dtype=row.dtype, device=row.device))
-    return out.reshape(collection.shape).to(dtype)
-
-
-def unit_weight(weight: torch.Tensor, collection: KernelCollection) -> torch.Tensor:
-    """``W / R``: the stored weight in unit coordinates (the points on the manifolds)."""
-    factor = entry_scale(collection, dtype=weight.dtype, device=weight.device)
-    return weight if factor is None else weight / factor
-
-
-def wrapped_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, KernelCollection]]:
-    """``(name, module, collection)`` of every module whose ``weight`` is a
-    :class:`geoopt.ManifoldParameter` on a :class:`~fgo_geoopt.KernelCollection`."""
-    for name, module in model.named_modules():
-        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
-        if isinstance(weight, geoopt.ManifoldParameter) and isinstance(
-            weight.manifold, KernelCollection
-        ):
-            yield name, module, weight.manifold
-
-
-def _channel_sums(x: torch.Tensor, cdim: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-channel float64 sums of ``x`` and ``x ** 2`` over all other dims, and the count.
-
-    Written for speed on CPU: reductions over the contiguous trailing axis (or over rows of a
-    ``(M, C)`` view) cost about one elementwise pass, unlike ``torch.var_mean`` over dims
-    ``(0, 2, 3)``, which costs half a convolution.
-    """
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()  # 16-bit activations: accumulate in float32 at least
-    channels = x.shape[cdim]
-    count = x.numel() // max(channels, 1)
-    pre = math.prod(x.shape[:cdim])
-    post = math.prod(x.shape[cdim + 1 :])
-    if x.is_contiguous() and post > 1:
-        v = x.view(pre, channels, post)
-        s = v.sum(-1).sum(0, dtype=torch.float64)
-        q = torch.linalg.vector_norm(v, dim=-1).square().sum(0, dtype=torch.float64)
-        return s, q, count
-    rows = x.movedim(cdim, -1).reshape(-1, channels)  # a view for channels_last / (M, C)
-    return rows.sum(0).double(), (rows * rows).sum(0).double(), count
-
-
-class _ChannelStats:
-    """Forward pre-hook of one layer: running float64 sums of its input channels.
-
-    The hook holds only its own statistics (never the model), so copies of the model (e.g. an
-    EMA made by ``deepcopy``) carry a harmless copy of it.
-    """
-
-    def __init__(self, channels: int, device: torch.device, record_eval: bool):
-        self.channels = channels
-        self.record_eval = record_eval
-        self.forced = False
-        self.sum = torch.zeros(channels, dtype=torch.float64, device=device)
-        self.sumsq = torch.zeros(channels, dtype=torch.float64, device=device)
-        self.count = 0
-
-    def reset(self) -> None:
-        self.sum.zero_()
-        self.sumsq.zero_()
-        self.count = 0
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if not (module.training or self.record_eval or self.forced) or not args:
-            return
-        x = args[0]
-        if not isinstance(x, torch.Tensor) or x.numel() == 0:
-            return
-        # Linear: features last; Conv2d: (N, C, H, W) or unbatched (C, H, W).
-        cdim = x.dim() - 1 if isinstance(module, nn.Linear) else x.dim() - 3
-        with torch.no_grad():
-            s, q, n = _channel_sums(x.detach(), cdim)
-            if self.sum.device != s.device:
-                self.sum = self.sum.to(s.device)
-                self.sumsq = self.sumsq.to(s.device)
-            self.sum += s
-            self.sumsq += q
-            self.count += n
-
-
-class _Layer:
-    """Bookkeeping of one wrapped layer."""
-
-    def __init__(self, name: str, module: nn.Module, gamma: float, record_eval: bool):
-        self.name = name
-        self.module = module
-        self.gamma = gamma
-        self.groups = int(getattr(module, "groups", 1))
-        channels = self.collection.in_channels * self.groups
-        self.stats = _ChannelStats(channels, module.weight.device, record_eval)
-        self.handle: Any = None
-        self.std: torch.Tensor | None = None  # per weight input channel, last update
-
-    @property
-    def collection(self) -> KernelCollection:
-        # Looked up on every use: re-wrapping or loading a grouping state gives the weight a
-        # new collection object, and the scales must go to the one in use.
-        weight = self.module._parameters.get("weight")
-        manifold = getattr(weight, "manifold", None)
-        if not isinstance(manifold, KernelCollection):
-            raise RuntimeError(
-                f"layer {self.name!r} is no longer wrapped (its weight is not a "
-                f"ManifoldParameter on a KernelCollection); build a new Rescaler"
-            )
-        return manifold
 
 
 class Rescaler:
@@ -336,7 +115,7 @@ class Rescaler:
         self.floor = float(floor)
         self.process_group = process_group
         self.num_updates = 0
-        self.layers: dict[str, _Layer] = {}
+        self.layers: dict[str, RescaledLayer] = {}
         self.skipped: dict[str, str] = {}
         for name, module, coll in wrapped_layers(model):
             if not isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -348,7 +127,7 @@ class Rescaler:
             gamma = float(self.gamma_fn(module, coll))
             if not math.isfinite(gamma) or gamma <= 0:
                 raise ValueError(f"gamma_fn gave {gamma!r} for layer {name!r}; need > 0")
-            self.layers[name] = _Layer(name, module, gamma, record_eval)
+            self.layers[name] = RescaledLayer(name, module, gamma, record_eval)
         if not self.layers:
             raise ValueError(
                 "the model has no nn.Conv2d / nn.Linear whose weight is a ManifoldParameter on "
@@ -434,54 +213,14 @@ class Rescaler:
             layer.stats.reset()
 
     def _agree_on_gammas(self) -> None:
-        """Under torch.distributed, every rank takes the mean of the ranks' ``gamma``: a
-        ``gamma_fn`` that reads the weights (``matched_gamma``) would otherwise give each rank
-        its own scales for the same broadcast weights."""
-        dist = torch.distributed
-        if not (self.layers and dist.is_available() and dist.is_initialized()):
-            return
-        first = next(iter(self.layers.values()))
-        device = first.module.weight.device
-        if dist.get_backend(self.process_group) == "nccl" and device.type != "cuda":
-            device = torch.device("cuda", torch.cuda.current_device())
-        gammas = torch.tensor(
-            [layer.gamma for layer in self.layers.values()], dtype=torch.float64, device=device
-        )
-        dist.all_reduce(gammas, group=self.process_group)
-        gammas /= dist.get_world_size(self.process_group)
-        for layer, gamma in zip(self.layers.values(), gammas.tolist(), strict=True):
-            layer.gamma = gamma
+        """Under torch.distributed, every rank takes the mean of the ranks' ``gamma``."""
+        mean_gammas(self.layers.values(), self.process_group)
 
     def _all_reduce(self) -> None:
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        layers = list(self.layers.values())
-        device = layers[0].stats.sum.device
-        flat = torch.cat(
-            [
-                torch.cat(
-                    [
-                        layer.stats.sum.to(device),
-                        layer.stats.sumsq.to(device),
-                        torch.tensor(
-                            [float(layer.stats.count)], dtype=torch.float64, device=device
-                        ),
-                    ]
-                )
-                for layer in layers
-            ]
-        )
-        dist.all_reduce(flat, group=self.process_group)
-        offset = 0
-        for layer in layers:
-            c = layer.stats.channels
-            layer.stats.sum.copy_(flat[offset : offset + c])
-            layer.stats.sumsq.copy_(flat[offset + c : offset + 2 * c])
-            layer.stats.count = round(float(flat[offset + 2 * c]))
-            offset += 2 * c + 1
+        """Under torch.distributed, sum the running sums of every rank."""
+        all_reduce_stats(self.layers.values(), self.process_group)
 
-    def _std(self, layer: _Layer) -> torch.Tensor | None:
+    def _std(self, layer: RescaledLayer) -> torch.Tensor | None:
         """Standard deviation per weight input channel, or ``None`` without information."""
         st = layer.stats
         if st.count == 0:
@@ -526,7 +265,7 @@ class Rescaler:
         return self.scales()
 
     @staticmethod
-    def _apply(layer: _Layer, new: torch.Tensor) -> None:
+    def _apply(layer: RescaledLayer, new: torch.Tensor) -> None:
         """Set ``R = new`` on a layer and rescale its stored weight: ``W <- W / R_old * R``."""
         coll = layer.collection
         weight = layer.module.weight

@@ -11,20 +11,23 @@ groupings raises instead of re-projecting it.
 
 Nothing here imports timm: the classifier head is found from ``model.pretrained_cfg`` when the
 model has one (timm models do), and the optimizer registration is delegated to
-:mod:`fgo_geoopt.integrations.timm`, which imports timm lazily.
+:mod:`fgo_geoopt.integrations.timm`, which imports timm lazily. Which weights are selected
+lives in ``_selection.py``, the per-layer report of :func:`describe` in ``_describe.py``; both
+are re-exported here.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import _misuse
+from ._describe import describe, format_table, unique_entries
+from ._selection import classifier_names, parameter_owners, patterns, select
 from ._tagging import (
     COLLECTIONS_ATTR,
     collection_of,
@@ -59,99 +62,6 @@ __all__ = [
 
 # The arguments of the last wrap call, on the model (plain data in ``__dict__``).
 _CONFIG_ATTR = "_fgo_wrap_config"
-# Root attributes tried, in order, when a model has no ``pretrained_cfg``: the names
-# torchvision's classification models give their classifier.
-_HEAD_ATTRS = ("fc", "classifier", "head", "heads")
-
-
-def _patterns(value: str | Sequence[str] | None, what: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    out = tuple(value)
-    if not all(isinstance(p, str) for p in out):
-        raise ValueError(f"{what} must be a string or a sequence of strings, got {value!r}")
-    return out
-
-
-def classifier_names(model: nn.Module) -> tuple[str, ...]:
-    """Module paths of the classifier head(s) of ``model`` (empty when none is found).
-
-    timm models name theirs in ``model.pretrained_cfg["classifier"]`` (a string, or a tuple
-    for distilled models); other models are searched for a root attribute called ``fc``,
-    ``classifier``, ``head`` or ``heads``, the torchvision convention. "The last Linear" is
-    never used: in several families the head is a 1x1 conv, or the last Linear is in the body.
-    """
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("classifier"):
-        found = cfg["classifier"]
-        return (found,) if isinstance(found, str) else tuple(found)
-    for attr in _HEAD_ATTRS:
-        if isinstance(getattr(model, attr, None), nn.Module):
-            return (attr,)
-    return ()
-
-
-def _under(name: str, prefixes: Iterable[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
-def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
-    """Every ``(full name, module, attribute)`` holding each parameter, keyed by ``id``."""
-    out: dict[int, list[tuple[str, nn.Module, str]]] = {}
-    for mod_name, module in model.named_modules():
-        for attr, p in module._parameters.items():
-            if p is not None:
-                name = f"{mod_name}.{attr}" if mod_name else attr
-                out.setdefault(id(p), []).append((name, module, attr))
-    return out
-
-
-def _eligible(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
-    """Weights that can carry a collection: 2-D ``nn.Linear`` and 4-D ``nn.Conv2d`` weights.
-
-    Conv1d / Conv3d, transposed convs, embeddings and other tensors stay Euclidean. Tied
-    weights appear once, under their first name, with all their owners.
-    """
-    owners = _owners(model)
-    out: dict[str, list[tuple[nn.Module, str]]] = {}
-    seen: set[int] = set()
-    for _, module in model.named_modules():
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
-            continue
-        p = module._parameters.get("weight")
-        if p is None or id(p) in seen:
-            continue
-        if isinstance(p, nn.parameter.UninitializedParameter):
-            raise ValueError(
-                "wrap needs materialised weights: run a forward pass on lazy modules first"
-            )
-        if p.ndim not in (2, 4):
-            continue
-        seen.add(id(p))
-        entries = owners[id(p)]
-        out[entries[0][0]] = [(m, a) for _, m, a in entries]
-    return out
-
-
-def _select(
-    model: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...]
-) -> dict[str, list[tuple[nn.Module, str]]]:
-    eligible = _eligible(model)
-    if include:
-        for pattern in include:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in eligible):
-                raise ValueError(
-                    f"include pattern {pattern!r} matches no conv / linear weight of the model"
-                )
-        chosen = {
-            n: o for n, o in eligible.items() if any(fnmatch.fnmatchcase(n, p) for p in include)
-        }
-    else:
-        heads = classifier_names(model)
-        chosen = {n: o for n, o in eligible.items() if not _under(n, heads)}
-    return {n: o for n, o in chosen.items() if not any(fnmatch.fnmatchcase(n, p) for p in exclude)}
 
 
 def _share(owners: list[tuple[nn.Module, str]], coll: KernelCollection) -> None:
@@ -226,8 +136,8 @@ def wrap(
     strategy_key, names = resolve_strategy(strategy, manifolds)
     if kernel not in KERNEL_VIEWS:
         raise ValueError(f"unknown kernel view {kernel!r}; valid: {', '.join(KERNEL_VIEWS)}")
-    include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
-    selected = _select(model, include_p, exclude_p)
+    include_p, exclude_p = patterns(include, "include"), patterns(exclude, "exclude")
+    selected = select(model, include_p, exclude_p)
     if (strategy_key, names) == ("single", ("euclidean",)):
         selected = {}
     on_meta = [
@@ -364,21 +274,9 @@ def reproject(model: nn.Module) -> nn.Module:
     return model
 
 
-def _unique_entries(model: nn.Module) -> list[tuple[str, KernelCollection]]:
-    """``(name, collection)`` of every wrapped weight, a tied weight once (its first name)."""
-    out, seen = [], set()
-    for name, module, attr, coll in wrapped_entries(model):
-        p = module._parameters.get(attr)
-        if p is not None and id(p) in seen:
-            continue
-        seen.add(id(p))
-        out.append((name, coll))
-    return out
-
-
 def grouping_state(model: nn.Module) -> dict[str, dict[str, Any]]:
     """``{parameter name: collection.state_dict()}`` of every wrapped weight (plain data)."""
-    return {name: coll.state_dict() for name, coll in _unique_entries(model)}
+    return {name: coll.state_dict() for name, coll in unique_entries(model)}
 
 
 def load_grouping_state(model: nn.Module, state: dict[str, dict[str, Any]]) -> nn.Module:
@@ -390,9 +288,9 @@ def load_grouping_state(model: nn.Module, state: dict[str, dict[str, Any]]) -> n
     parameters. Loading a wrapped model's checkpoint into a model wrapped on other groupings
     raises, so call this first. Returns ``model``.
     """
-    owners = _owners(model)
+    holders = parameter_owners(model)
     by_name = {
-        name: (module, attr) for entries in owners.values() for name, module, attr in entries
+        name: (module, attr) for entries in holders.values() for name, module, attr in entries
     }
     unknown = sorted(set(state) - set(by_name))
     if unknown:
@@ -406,7 +304,7 @@ def load_grouping_state(model: nn.Module, state: dict[str, dict[str, Any]]) -> n
             raise ValueError(
                 f"{name} has shape {tuple(p.shape)}, its saved grouping expects {coll.shape}"
             )
-        plan.append((id(p), coll, [(m, a) for _, m, a in owners[id(p)]]))
+        plan.append((id(p), coll, [(m, a) for _, m, a in holders[id(p)]]))
     keep = {pid for pid, _, _ in plan}
     for _, module, attr, _ in list(wrapped_entries(model)):
         if id(module._parameters.get(attr)) not in keep:
@@ -424,70 +322,3 @@ def load_grouping_state(model: nn.Module, state: dict[str, dict[str, Any]]) -> n
     _register_optimizers()
     _misuse.install()
     return model
-
-
-def describe(model: nn.Module) -> list[dict[str, Any]]:
-    """One row per wrapped weight: name, shape, strategy, kernel view, POMs per manifold.
-
-    Print them with ``print(format_table(rows))``.
-    """
-    rows = []
-    for name, coll in _unique_entries(model):
-        per = coll.describe()
-        rows.append(
-            {
-                "name": name,
-                "shape": coll.shape,
-                "strategy": coll.strategy,
-                "view": coll.view,
-                "kernel_shape": coll.kernel_shape,
-                "kernels": coll.num_kernels,
-                "poms": coll.num_poms,
-                "poms_per_manifold": {r["manifold"]: r["poms"] for r in per},
-                "kernels_per_manifold": {r["manifold"]: r["kernels"] for r in per},
-                "rescaled": coll.scale is not None,
-            }
-        )
-    return rows
-
-
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A fixed-width text table of :func:`describe` rows, with POM counts per manifold."""
-    manifold_cols: list[str] = []
-    for row in rows:
-        manifold_cols += [m for m in row["poms_per_manifold"] if m not in manifold_cols]
-    header = ["name", "shape", "strategy", "view", "kernel", "kernels", "POMs", *manifold_cols]
-    body = [
-        [
-            r["name"],
-            "x".join(str(s) for s in r["shape"]),
-            r["strategy"],
-            r["view"],
-            "x".join(str(s) for s in r["kernel_shape"]),
-            str(r["kernels"]),
-            str(r["poms"]),
-            *[str(r["poms_per_manifold"].get(m, 0)) for m in manifold_cols],
-        ]
-        for r in rows
-    ]
-    totals = [
-        "total",
-        "",
-        "",
-        "",
-        "",
-        str(sum(r["kernels"] for r in rows)),
-        str(sum(r["poms"] for r in rows)),
-        *[str(sum(r["poms_per_manifold"].get(m, 0) for r in rows)) for m in manifold_cols],
-    ]
-    table = [header, *body, totals]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-
-    def fmt(line: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i < 5 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(line, widths, strict=True))
-        ).rstrip()
-
-    rule = "-" * len(fmt(header))
-    return "\n".join([fmt(header), rule, *map(fmt, body), rule, fmt(totals)])
