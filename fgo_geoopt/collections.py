@@ -8,81 +8,27 @@ once: a call costs O(number of manifold types) tensor ops, never a loop over ker
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import geoopt
 import torch
 
-from ._grouping import STRATEGIES, Grouping, group_kernels
-from .manifolds import canonical_name, get_manifold
-from .manifolds._base import default_atol
+from ._collection_checks import CollectionChecks
+from ._collection_data import CollectionData
+from ._grouping import Grouping, group_kernels
+from ._strategies import KERNEL_VIEWS, PRESETS, layer_seed, pick_view, resolve_strategy
+from .manifolds import get_manifold
 
 __all__ = [
     "KERNEL_VIEWS",
     "PRESETS",
     "KernelCollection",
     "build_collection",
+    "layer_seed",
     "resolve_strategy",
 ]
-
-#: Table 3 rows of the paper as (strategy, manifolds).
-PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "euc": ("single", ("euclidean",)),
-    "st": ("single", ("stiefel",)),
-    "poms_st": ("pio", ("stiefel",)),
-    "pio3": ("pio", ("sphere", "oblique", "stiefel")),
-    "pio4": ("pio", ("sphere", "oblique", "stiefel", "euclidean")),
-}
-DEFAULT_MANIFOLDS = ("sphere", "oblique", "stiefel")
-KERNEL_VIEWS = ("auto", "spatial", "filter", "euclidean")
 _SIZE_KEYS = ("po_fraction", "po_parts", "pi_parts", "po_channels")
-
-
-def resolve_strategy(
-    strategy: str, manifolds: Sequence[str] | None = None
-) -> tuple[str, tuple[str, ...]]:
-    """Turn a preset or a strategy plus manifolds into ``(strategy, canonical manifold names)``."""
-    if not isinstance(strategy, str):
-        raise ValueError(f"strategy must be a string, got {type(strategy).__name__}")
-    key = strategy.strip().lower()
-    if key in PRESETS:
-        if manifolds is not None:
-            raise ValueError(
-                f"preset {key!r} fixes its manifolds {PRESETS[key][1]}; pass a plain strategy "
-                f"({', '.join(STRATEGIES)}) to choose manifolds yourself"
-            )
-        return PRESETS[key]
-    if key not in STRATEGIES:
-        valid = ", ".join((*STRATEGIES, *PRESETS))
-        raise ValueError(f"unknown strategy {strategy!r}; valid strategies and presets: {valid}")
-    if manifolds is None:
-        manifolds = DEFAULT_MANIFOLDS
-    if isinstance(manifolds, str):
-        manifolds = (manifolds,)
-    names = tuple(canonical_name(m) for m in manifolds)
-    if not names:
-        raise ValueError("manifolds must name at least one manifold")
-    if len(set(names)) != len(names):
-        raise ValueError(f"manifolds must not repeat a manifold, got {list(manifolds)}")
-    return key, names
-
-
-def _pick_view(shape: tuple[int, ...], kernel: str) -> str:
-    if kernel not in KERNEL_VIEWS:
-        raise ValueError(f"unknown kernel view {kernel!r}; valid: {', '.join(KERNEL_VIEWS)}")
-    if kernel in ("spatial", "filter"):
-        if kernel == "spatial" and len(shape) == 2:
-            raise ValueError("a 2-D (linear) weight has no spatial kernels; use kernel='filter'")
-        return kernel
-    if kernel == "euclidean":
-        return "filter" if len(shape) == 2 or shape[2] * shape[3] == 1 else "spatial"
-    # auto: 1x1 convs and linear layers have no spatial kernel worth constraining
-    # (a 1x1 kernel on the sphere is +-1), so they use the filter view (docs/design.md).
-    if len(shape) == 2 or shape[2] * shape[3] == 1:
-        return "filter"
-    return "spatial"
 
 
 def build_collection(
@@ -122,7 +68,7 @@ def build_collection(
     if unknown:
         raise ValueError(f"unknown size options {sorted(unknown)}; valid: {list(_SIZE_KEYS)}")
     strategy, names = resolve_strategy(strategy, manifolds)
-    view = _pick_view(shape, kernel)
+    view = pick_view(shape, kernel)
     if kernel == "euclidean":
         names = ("euclidean",)
     if generator is None:
@@ -136,7 +82,7 @@ def build_collection(
     )
 
 
-class KernelCollection(geoopt.Manifold):
+class KernelCollection(CollectionChecks, CollectionData, geoopt.Manifold):
     r"""The collection of POMs of one layer: a manifold over the whole weight tensor.
 
     The weight is a ``D x C`` grid of kernels (``D = c_out``; ``C = c_in`` in the spatial view,
@@ -461,154 +407,3 @@ class KernelCollection(geoopt.Manifold):
         for _, _, pom, _, (part,) in self._unit_parts(ku, device=x.device, dtype=x.dtype):
             out.index_add_(0, pom, part.to(out.dtype).pow(2).sum(-1))
         return out
-
-    def _check_point_on_manifold(self, x, *, atol=None, rtol=None):
-        atol = default_atol(x.dtype) if atol is None else atol
-        rtol = default_atol(x.dtype) if rtol is None else rtol
-        bad = self.violations(x, atol=atol, rtol=rtol)
-        if bad:
-            return False, "; ".join(bad)
-        return True, None
-
-    def violations(self, x: torch.Tensor, *, atol=None, rtol=None) -> list[str]:
-        """Human-readable constraint violations of ``W / R`` per manifold type (empty if none)."""
-        atol = default_atol(x.dtype) if atol is None else atol
-        rtol = default_atol(x.dtype) if rtol is None else rtol
-        reasons = []
-        kx = self._kernels(x)
-        a, b = self.kernel_shape
-        for t, _, _, _, (part,) in self._unit_parts(kx, device=x.device, dtype=x.dtype):
-            ok, why = self.manifolds[t].check_point_on_manifold(
-                part.view(-1, a, b), explain=True, atol=atol, rtol=rtol
-            )
-            if not ok:
-                reasons.append(f"{self.manifold_names[t]}: {why}")
-        return reasons
-
-    def _check_vector_on_tangent(self, x, u, *, atol=None, rtol=None):
-        atol = default_atol(x.dtype) if atol is None else atol
-        rtol = default_atol(x.dtype) if rtol is None else rtol
-        kx, ku = self._kernels(x), self._kernels(u)
-        a, b = self.kernel_shape
-        for t, _, _, _, (px, pu) in self._unit_parts(kx, ku, device=x.device, dtype=x.dtype):
-            ok, why = self.manifolds[t].check_vector_on_tangent(
-                px.view(-1, a, b), pu.view(-1, a, b), explain=True, atol=atol, rtol=rtol
-            )
-            if not ok:
-                return False, f"{self.manifold_names[t]}: {why}"
-        return True, None
-
-    def random(self, *size, dtype=None, device=None, generator=None, **kwargs) -> torch.Tensor:
-        if (
-            size
-            and tuple(size[0] if len(size) == 1 and not isinstance(size[0], int) else size)
-            != self.shape
-        ):
-            raise ValueError(f"a KernelCollection point has shape {self.shape}")
-        x = torch.randn(self.shape, dtype=dtype, device=device, generator=generator)
-        return self.projx(x)
-
-    def origin(self, *size, dtype=None, device=None, seed: int | None = 42) -> torch.Tensor:
-        gen = torch.Generator(device=device or "cpu").manual_seed(0 if seed is None else seed)
-        return self.random(dtype=dtype, device=device, generator=gen)
-
-    # ------------------------------------------------------------------ data and reporting
-    def state_dict(self, *args, **kwargs) -> dict[str, Any]:  # type: ignore[override]
-        """The grouping as plain data (tensors, strings, numbers): enough to rebuild exactly."""
-        return {
-            "shape": list(self.shape),
-            "view": self.view,
-            "kernel": self.kernel,
-            "strategy": self.strategy,
-            "seed": int(self.seed),
-            "sizes": {
-                k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in self.sizes.items()
-            },
-            "manifolds": list(self.manifold_names),
-            "kernel_pom": self.kernel_pom.to(torch.int32),
-            "pom_type": self.pom_type.clone(),
-            "scale": None if self.scale is None else self.scale.clone(),
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> KernelCollection:
-        """Rebuild a collection saved by :meth:`state_dict`."""
-        try:
-            grouping = Grouping(
-                kernel_pom=torch.as_tensor(state["kernel_pom"]).long(),
-                pom_type=torch.as_tensor(state["pom_type"]).long(),
-            )
-            out = cls(
-                tuple(state["shape"]),
-                state["view"],
-                tuple(canonical_name(n) for n in state["manifolds"]),
-                grouping,
-                strategy=state["strategy"],
-                seed=state["seed"],
-                kernel=state.get("kernel", "auto"),
-                sizes=state.get("sizes", {}),
-            )
-        except KeyError as err:
-            raise ValueError(f"not a KernelCollection state: missing key {err}") from None
-        out.set_scale(state.get("scale"))
-        return out
-
-    def load_state_dict(self, state, strict: bool = True, assign: bool = False):  # type: ignore[override]
-        raise TypeError(
-            "a KernelCollection's grouping is fixed at construction; rebuild it with "
-            "KernelCollection.from_state_dict(state)"
-        )
-
-    def same_grouping(self, other: KernelCollection) -> bool:
-        """True when both collections group the same kernels the same way on the same types."""
-        return (
-            self.shape == other.shape
-            and self.view == other.view
-            and self.manifold_names == other.manifold_names
-            and torch.equal(self.kernel_pom, other.kernel_pom)
-            and torch.equal(self.pom_type, other.pom_type)
-        )
-
-    def describe(self) -> list[dict[str, Any]]:
-        """One row per manifold type: POM count, kernel count and POM sizes."""
-        rows = []
-        sizes = self.pom_sizes
-        ptype = self.pom_type.long()
-        for t, name in enumerate(self.manifold_names):
-            sel = sizes[ptype == t]
-            rows.append(
-                {
-                    "manifold": name,
-                    "poms": int(sel.numel()),
-                    "kernels": int(sel.sum()),
-                    "pom_size_min": int(sel.min()) if sel.numel() else 0,
-                    "pom_size_max": int(sel.max()) if sel.numel() else 0,
-                    "pom_size_mean": float(sel.double().mean()) if sel.numel() else 0.0,
-                }
-            )
-        return rows
-
-    def extra_repr(self) -> str:
-        parts = [
-            f"shape={self.shape}",
-            f"strategy={self.strategy!r}",
-            f"view={self.view!r}",
-            f"kernel={self.kernel_shape[0]}x{self.kernel_shape[1]}",
-            f"poms={self.num_poms}",
-        ]
-        for row in self.describe():
-            parts.append(
-                f"{row['manifold']}: {row['poms']} POMs/{row['kernels']} kernels "
-                f"(size {row['pom_size_min']}-{row['pom_size_max']})"
-            )
-        if self.scale is not None:
-            parts.append("rescaled")
-        return ", ".join(parts)
-
-    def __repr__(self) -> str:
-        return f"KernelCollection({self.extra_repr()})"
-
-
-def layer_seed(seed: int, name: str) -> int:
-    """Seed of one layer's grouping: stable across processes (no Python ``hash``)."""
-    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)

@@ -624,27 +624,39 @@ def test_huge_finite_gradient_is_not_nonfinite(backend):
     _huge_setup(backend, nonfinite="raise")[2].step()  # no FloatingPointError
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "torch",
-        pytest.param(
-            "fused",
-            marks=[
-                needs_numba,
-                pytest.mark.xfail(
-                    strict=True,
-                    reason="the fused kernels square float32 entries in float32: a finite "
-                    "1e20 overflows and its POM is skipped (docs/optimizer.md)",
-                ),
-            ],
-        ),
-    ],
-)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_huge_finite_gradient_steps_its_pom(backend):
-    *_, opt = _huge_setup(backend)
+    """A finite 1e20 entry: its POM takes its (tiny, by Eq. (7)) step on every backend, the same
+    step, and nothing is counted as non-finite."""
+    p, _, opt = _huge_setup(backend)
+    before = p.detach().clone()
     opt.step()
     assert opt.nonfinite_count == 0
+    assert bool(torch.isfinite(p).all())
+    coll = p.manifold
+    moved = (p.detach() != before).reshape(coll.num_kernels, -1).any(1)
+    assert bool(moved[coll.kernel_pom == coll.kernel_pom[2 * 4 + 1]].all())
+    q, _, ref = _huge_setup("torch")
+    ref.step()
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(opt.momentum_buffer(p), ref.momentum_buffer(q), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_gradient_next_to_a_nan_one(backend):
+    """One POM with a NaN entry and one with a finite 1e20 in the same step: the NaN POM alone
+    is skipped (and counted), the other is stepped."""
+    p, _, opt = _huge_setup(backend)
+    p.grad[0, 0, 1, 1] = float("nan")
+    before = p.detach().clone()
+    opt.step()
+    assert opt.nonfinite_count == 1
+    coll = p.manifold
+    moved = (p.detach() != before).reshape(coll.num_kernels, -1).any(1)
+    huge, nan = coll.kernel_pom[2 * 4 + 1], coll.kernel_pom[0]
+    assert huge != nan
+    assert bool(moved[coll.kernel_pom == huge].all())
+    assert not bool(moved[coll.kernel_pom == nan].any())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

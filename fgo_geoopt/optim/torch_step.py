@@ -76,11 +76,15 @@ def batched_collection_step(
     first: bool,
     check: bool,
     per_type: list | None = None,
+    only_above: float | None = None,
 ) -> torch.Tensor:
     """One FG-SGD step of ``x`` in place; returns the number of skipped POMs (a tensor).
 
     ``buf`` is the momentum buffer in unit coordinates, shape ``(K, n)``, updated in place
-    (its content is ignored when ``first``); ``None`` without momentum.
+    (its content is ignored when ``first``); ``None`` without momentum. ``only_above``:
+    step only the POMs whose squared gradient norm is finite and at least this; the others keep
+    their weights and buffers as they are (see ``cpu.step``: POMs that float32 kernels could not
+    square).
     """
     work = compute_dtype(x.dtype)
     kx = coll._kernels(x).to(work)
@@ -108,6 +112,8 @@ def batched_collection_step(
         pom_sq.index_add_(0, pom, rg.to(torch.float64).pow(2).sum(dim=(-2, -1)))
         parts.append((t, idx, pom, xt, rg, scale))
     ok = torch.isfinite(pom_sq) if check else None
+    if only_above is not None:
+        ok = torch.isfinite(pom_sq) & (pom_sq >= only_above)
     if adaptive:
         big_r = pom_sq.sqrt()
         # Eq. (7), Ozay 2019: tau = max(1, R (2 + R))
@@ -127,7 +133,7 @@ def batched_collection_step(
             keep = ok[pom].view(-1, 1, 1)
             y = torch.where(keep, y, xt)
             if new_buf is not None:
-                fallback = torch.zeros_like(old) if first else old
+                fallback = torch.zeros_like(old) if first and only_above is None else old
                 new_buf = torch.where(keep, new_buf, fallback)
         y = y.reshape(-1, coll.kernel_numel)
         if scale is not None:

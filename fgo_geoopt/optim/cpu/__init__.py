@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
+from .. import torch_step
 from .._records import Hyper, Layer
-from .._state import Workspace, momentum_buffer
+from .._state import Workspace, momentum_buffer, set_layout
 from ._flags import AVAILABLE
 from ._layout import TILE
 
@@ -43,6 +44,9 @@ if AVAILABLE:  # the kernels; without numba the batched torch step takes every l
 __all__ = ["AVAILABLE", "accepts", "reason_refused", "step"]
 
 _DTYPES = (torch.float32, torch.float64)
+#: Squared POM norms from here up may overflow the float32 sums of the kernels (a margin of
+#: 1e-3 for their rounding): such POMs are re-examined after a step that skipped any.
+_F32_SQUARE_LIMIT = float(torch.finfo(torch.float32).max) * (1.0 - 1e-3)
 
 
 def accepts(coll: Any, param: torch.Tensor, workspace: Workspace | None = None) -> bool:
@@ -110,4 +114,48 @@ def step(layers: list[Layer], hyper: Hyper, workspace: Workspace) -> int:
     skipped = run_jobs(jobs)
     for p, x in copies:
         p.copy_(x)
+    if skipped and hyper.check:
+        skipped -= _step_overflowed(layers, hyper)
     return skipped
+
+
+def _step_overflowed(layers: list[Layer], hyper: Hyper) -> int:
+    """Step the POMs that the float32 kernels skipped although their gradient is finite.
+
+    The kernels square float32 entries in float32, so a POM with an entry above about 1e19 has
+    a non-finite squared norm there and is skipped, weights and buffer untouched. "Non-finite"
+    means NaN / inf entries only, on every backend: after a step that skipped any POM (rare),
+    the batched torch step, which sums the squares in float64, steps exactly the POMs whose
+    finite squared norm is beyond float32's range. Returns how many it stepped.
+    """
+    stepped = 0
+    for layer in layers:
+        p, coll = layer.param, layer.coll
+        if p.dtype != torch.float32:
+            continue  # float64 squares overflow only above 1e154, on both backends alike
+        st = layer.state
+        tiles = st.get("momentum_tiles")
+        if tiles is not None:
+            set_layout(st, None)  # the torch step reads the (K, n) layout
+        try:
+            count = torch_step.batched_collection_step(
+                coll,
+                p,
+                layer.grad,
+                st.get("momentum_buffer") if hyper.momentum != 0 else None,
+                lr=hyper.lr,
+                momentum=hyper.momentum,
+                dampening=hyper.dampening,
+                nesterov=hyper.nesterov,
+                maximize=hyper.maximize,
+                weight_decay=hyper.weight_decay,
+                adaptive=hyper.adaptive,
+                first=layer.first,
+                check=True,
+                only_above=_F32_SQUARE_LIMIT,
+            )
+        finally:
+            if tiles is not None:
+                set_layout(st, tiles)
+        stepped += coll.num_poms - int(count)
+    return stepped

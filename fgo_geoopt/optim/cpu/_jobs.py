@@ -42,6 +42,9 @@ __all__ = ["EXACT_STATE", "EXACT_STEPS", "FusedJob", "Phase"]
 EXACT_STEPS = 16
 #: Key of that count in a parameter's optimizer state (an int: checkpoints carry it).
 EXACT_STATE = "exact_norm_steps"
+#: Whether coupled layers settle Eq. (7) from gradient bounds first (``False``: exact norms of
+#: every POM each step; the same results). A switch for ``benchmarks/accelerations.py``.
+GRADIENT_BOUNDS = True
 #: Per-parameter array sets kept per collection (several parameters may share one).
 _REUSE_MAX = 16
 _NO_SUMS = np.zeros((1, 1))
@@ -246,6 +249,7 @@ class _InOrder:
         self.use_bounds = counter.get(EXACT_STATE, 0) == 0
         if not self.use_bounds:
             counter[EXACT_STATE] -= 1
+        self.use_bounds = self.use_bounds and GRADIENT_BOUNDS
         self.step_counter = counter
         self.need[:] = 0 if self.use_bounds else 1
         self.marked = 0 if self.use_bounds else self.num_poms
