@@ -7,7 +7,9 @@ with momentum, times interleaved training steps (zero_grad, forward, backward, s
 * ``sgd``: ``torch.optim.SGD(foreach=True)``, the baseline;
 * ``fg``: FG-SGD with every acceleration (the library's default);
 * ``fg -team``: torch's OpenMP team off (the step's split phases on the thread pool);
-* ``fg -bounds``: Eq. (7) from exact norms of every POM, no gradient bounds first;
+* ``fg +bounds``: Eq. (7) from gradient bounds first, exact norms only where needed (opt-in,
+  ``FGO_GRADIENT_BOUNDS=1``);
+* ``fg -registers``: the 3x3 path without its 16-kernel register step (all in the tile code);
 * ``fg torch``: the batched torch backend instead of the fused one.
 
 For each switch it prints the training-step time and what the acceleration buys, as a share of
@@ -53,7 +55,8 @@ def _variants(base, preset, seed):
 
     out["fg"] = fg()
     out["fg -team"] = fg()
-    out["fg -bounds"] = fg()
+    out["fg +bounds"] = fg()
+    out["fg -registers"] = fg()
     out["fg torch"] = fg("torch")
     return out
 
@@ -66,8 +69,10 @@ def _switch(name, on):
             _schedule._TEAM[:] = [None]
         else:
             _schedule._TEAM[:] = _switch.saved_team
-    elif name == "fg -bounds":
-        _jobs.GRADIENT_BOUNDS = not on
+    elif name == "fg +bounds":
+        _jobs.GRADIENT_BOUNDS = on
+    elif name == "fg -registers":
+        _jobs.REGISTERS = not on
 
 
 def measure(threads: int, repeats: int, seed: int = 0) -> dict[str, float]:
@@ -112,12 +117,14 @@ def main(argv=None) -> int:
         print(f"\n{threads} thread(s): training step, median of {args.repeats} (ms)")
         for name, value in ms.items():
             print(f"  {name:12s} {value:8.1f}  ({value / ms['sgd']:.3f}x SGD)")
-        for name, what in (
-            ("fg -team", "OpenMP team"),
-            ("fg -bounds", "gradient bounds"),
-            ("fg torch", "fused backend"),
+        for name, what, sign in (
+            ("fg -team", "OpenMP team", 1),
+            ("fg +bounds", "gradient bounds", -1),
+            ("fg -registers", "3x3 registers", 1),
+            ("fg torch", "fused backend", 1),
         ):
-            gain = (ms[name] - ms["fg"]) / ms["fg"] * 100
+            # what the acceleration buys: the step without it minus the step with it
+            gain = sign * (ms[name] - ms["fg"]) / ms["fg"] * 100
             print(f"  {what:16s} buys {gain:+6.1f}% of the FG-SGD training step")
     return 0
 

@@ -129,9 +129,11 @@ def test_degenerate_retractions_match_the_torch_path(preset):
 @pytest.mark.parametrize(
     ("shape", "preset"), [((16, 12, 3, 3), "pio4"), ((16, 12, 3, 3), "poms_st"), ((40, 24), "pio4")]
 )
-def test_gradient_bounds_shortcut_matches_the_torch_path(shape, preset):
-    """Tiny gradients: every POM's factor is settled by the cheap bound; huge ones: every POM
-    needs the exact norms (and the next steps skip the bounds); both equal the torch path."""
+def test_gradient_bounds_shortcut_matches_the_torch_path(shape, preset, monkeypatch):
+    """With the (opt-in) gradient bounds: tiny gradients, every POM's factor is settled by the
+    cheap bound; huge ones, every POM needs the exact norms (and the next steps skip the
+    bounds); both equal the torch path."""
+    monkeypatch.setattr(_jobs, "GRADIENT_BOUNDS", True)
     gen = torch.Generator().manual_seed(5)
     fused, plain = _param(shape, preset, seed=4), _param(shape, preset, seed=4)
     opt_a = FGSGD([fused], lr=0.05, momentum=0.9, weight_decay=1e-3, backend="fused")

@@ -14,7 +14,7 @@ from fgo_geoopt import FGSGD, build_collection
 from fgo_geoopt.optim import cpu
 
 if cpu.AVAILABLE:
-    from fgo_geoopt.optim.cpu import _schedule
+    from fgo_geoopt.optim.cpu import _jobs, _schedule
 
 pytestmark = pytest.mark.skipif(not cpu.AVAILABLE, reason="numba fused backend unavailable")
 
@@ -66,8 +66,8 @@ def test_a_team_that_cannot_be_found_warns_once(fresh):
 
 @pytest.mark.parametrize("fails", ["compile", "first call", "update call"])
 def test_a_team_that_fails_warns_once_and_the_step_finishes_on_the_pool(fresh, fails):
-    """``update call``: the bounds phase of the first step ran on the team, its update (and
-    everything after) on the pool."""
+    """``update call``: the first phase of the first step (the exact norms; the bounds where
+    they are switched on) ran on the team, its update (and everything after) on the pool."""
     team = _schedule._team_module()
     if team is None:
         pytest.skip("torch does not run on its own GNU OpenMP here: no team path")
@@ -89,7 +89,8 @@ def test_a_team_that_fails_warns_once_and_the_step_finishes_on_the_pool(fresh, f
         fresh.setattr(team, "run", run)
     got, warned = _run("fused")
     assert len(warned) == 1
-    assert calls == {"compile": [], "first call": [team.BOUNDS], "update call": [0, 2]}[fails]
+    first = team.BOUNDS if _jobs.GRADIENT_BOUNDS else team.NORMS
+    assert calls == {"compile": [], "first call": [first], "update call": [first, 2]}[fails]
     want, _ = _run("torch")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     if fails != "compile":

@@ -29,6 +29,7 @@ __all__ = [
     "EUCLIDEAN",
     "FLAG_ADAPTIVE",
     "FLAG_CHECK",
+    "FLAG_NO_REGISTERS",
     "FLAG_OWN",
     "FLAG_SCALED",
     "FLAG_UNIT",
@@ -53,8 +54,10 @@ SPHERE, OBLIQUE, STIEFEL, EUCLIDEAN = 0, 1, 2, 3
 TEAM_BOUNDS, TEAM_NORMS, TEAM_UPDATE = 0, 1, 2
 #: Bits of a layer's step flags, one set for the team descriptors, ``pass2`` of both memory-order
 #: paths and ``_vec16.step16``: scales, one kernel per POM, Eq. (7) on, momentum, non-finite
-#: steps skipped, every POM's factor 1.
+#: steps skipped, every POM's factor 1; and the 3x3 path's register step switched off (the tile
+#: code then takes every kernel: ``benchmarks/accelerations.py`` measures what registers buy).
 FLAG_SCALED, FLAG_OWN, FLAG_ADAPTIVE, FLAG_USE_MOM, FLAG_CHECK, FLAG_UNIT = 1, 2, 4, 8, 16, 32
+FLAG_NO_REGISTERS = 64
 
 _jit = {"cache": True, "nogil": True, "error_model": "numpy"}
 # Reassociation lets the per-kernel reductions vectorise; NaN/inf semantics stay IEEE, so the

@@ -9,6 +9,7 @@ take one phase.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from ._aos import aos_chunk
 from ._flags import (
     FLAG_ADAPTIVE,
     FLAG_CHECK,
+    FLAG_NO_REGISTERS,
     FLAG_OWN,
     FLAG_SCALED,
     FLAG_UNIT,
@@ -42,9 +44,12 @@ __all__ = ["EXACT_STATE", "EXACT_STEPS", "FusedJob", "Phase"]
 EXACT_STEPS = 16
 #: Key of that count in a parameter's optimizer state (an int: checkpoints carry it).
 EXACT_STATE = "exact_norm_steps"
-#: Whether coupled layers settle Eq. (7) from gradient bounds first (``False``: exact norms of
-#: every POM each step; the same results). A switch for ``benchmarks/accelerations.py``.
-GRADIENT_BOUNDS = True
+#: Whether coupled layers settle Eq. (7) from gradient bounds first, exact norms only where the
+#: bounds leave it open (the same results either way). Opt-in, ``FGO_GRADIENT_BOUNDS=1``: it
+#: bought about 1% of a resnet50 training step on 1 and on 2 threads (docs/performance.md).
+GRADIENT_BOUNDS = os.environ.get("FGO_GRADIENT_BOUNDS", "0") == "1"
+#: The 16-kernel register step of the 3x3 path (a switch for ``benchmarks/accelerations.py``).
+REGISTERS = True
 #: Per-parameter array sets kept per collection (several parameters may share one).
 _REUSE_MAX = 16
 _NO_SUMS = np.zeros((1, 1))
@@ -240,6 +245,7 @@ class _InOrder:
             + adaptive * FLAG_ADAPTIVE
             + use_mom * FLAG_USE_MOM
             + check * FLAG_CHECK
+            + (not REGISTERS) * FLAG_NO_REGISTERS
         )
         self.coupled = not self.own and (adaptive or check)
         if not self.coupled:

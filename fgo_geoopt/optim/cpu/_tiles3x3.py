@@ -55,6 +55,7 @@ from ._flags import (
     EUCLIDEAN,
     FLAG_ADAPTIVE,
     FLAG_CHECK,
+    FLAG_NO_REGISTERS,
     FLAG_OWN,
     FLAG_SCALED,
     FLAG_UNIT,
@@ -324,6 +325,7 @@ def pass2(x, g, m, s, kpr, kidx, tcode, pfac, k0, k1, hp, flags):
     bounds = np.searchsorted(tcode, np.arange(1, 4)).astype(np.int64)
     own, unit = flags & FLAG_OWN != 0, flags & FLAG_UNIT != 0
     use_mom, scaled = flags & FLAG_USE_MOM != 0, flags & FLAG_SCALED != 0
+    no_regs = flags & FLAG_NO_REGISTERS != 0
     mf = m.reshape(-1)
     # per tile, the parts left to the tile code: groups handed back, then the rest
     part_at, part_len = np.empty(TILE // GROUP + 1, np.int64), np.empty(TILE // GROUP + 1, np.int64)
@@ -331,7 +333,7 @@ def pass2(x, g, m, s, kpr, kidx, tcode, pfac, k0, k1, hp, flags):
     for t0 in range(k0, k1, TILE):
         nt = min(TILE, k1 - t0)
         done, parts = 0, 0
-        if use_mom:  # the registers need momentum; the rest goes to the tile code
+        if use_mom and not no_regs:  # the registers need momentum; the rest: the tile code
             done = nt - nt % GROUP
             for c0 in range(0, done, GROUP):
                 k = t0 + c0
