@@ -7,6 +7,7 @@ memory with a tensor count once.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable
 from typing import Any
 
@@ -45,8 +46,17 @@ def _spans(obj: Any, out: list[tuple[str, int, int]], seen: set[int]) -> None:
     elif isinstance(obj, (list, tuple, set, frozenset)):
         for value in obj:
             _spans(value, out, seen)
-    elif isinstance(obj, torch.nn.Module):
-        _spans(vars(obj), out, seen)
+    elif isinstance(obj, torch.nn.Module) or _plain_object(obj):
+        _spans(vars(obj), out, seen)  # modules, and the workspace's plans / per-layer objects
+
+
+def _plain_object(obj: Any) -> bool:
+    """An instance with attributes (a plan, a layer's arrays), not a module, class or callable."""
+    return (
+        hasattr(obj, "__dict__")
+        and not isinstance(obj, (types.ModuleType, type))
+        and not callable(obj)
+    )
 
 
 def _union_bytes(spans: list[tuple[str, int, int]]) -> int:
@@ -62,11 +72,10 @@ def _union_bytes(spans: list[tuple[str, int, int]]) -> int:
 
 
 def collection_bytes(colls: Iterable[KernelCollection]) -> int:
-    """Bytes of every tensor or array a collection holds (index tensors and ``_cache``).
+    """Bytes of every tensor or array a collection holds (index tensors, cached scales).
 
-    Walks all attributes (``pom_type``, ``pom_ptr``, ``pom_kernels``, ``scale``, buffers,
-    ``_cache`` with whatever the optimizer backends cached there); arrays that share memory
-    (a ``.numpy()`` view of an index tensor) are counted once.
+    Walks all attributes (``pom_type``, ``pom_ptr``, ``pom_kernels``, ``scale``, buffers);
+    arrays that share memory (a ``.numpy()`` view of an index tensor) are counted once.
     """
     out: list[tuple[str, int, int]] = []
     seen: set[int] = set()
@@ -75,18 +84,20 @@ def collection_bytes(colls: Iterable[KernelCollection]) -> int:
     return _union_bytes(out)
 
 
-def collection_detail(colls: Iterable[KernelCollection]) -> dict[str, int]:
-    """Bytes of :func:`collection_bytes` by attribute and ``_cache`` entry (summed over layers).
+def collection_detail(colls: Iterable[KernelCollection], workspace: Any = None) -> dict[str, int]:
+    """Bytes of :func:`collection_bytes` by attribute, and of the optimizer's workspace by
+    entry (``workspace[cpu plan]``; summed over layers).
 
-    A cache entry keyed by a tuple is reported under its first element (``_cache[idx]``).
-    Memory shared between two entries is counted in both, so the parts may add up to more
-    than :func:`collection_bytes`.
+    An entry keyed by a tuple is reported under its first element. Memory shared between two
+    entries is counted in both, so the parts may add up to more than the total.
     """
     detail: dict[str, int] = {}
     for coll in colls:
-        parts = {k: v for k, v in vars(coll).items() if k != "_cache"}
-        for key, value in coll._cache.items():
-            parts[f"_cache[{key[0] if isinstance(key, tuple) else key}]"] = value
+        parts = dict(vars(coll))
+        entry = {} if workspace is None else workspace._entries.get(coll, {})
+        for key, value in entry.items():
+            if key != "scale":  # the collection's own scales, counted above
+                parts[f"workspace[{key[0] if isinstance(key, tuple) else key}]"] = value
         for label, value in parts.items():
             spans: list[tuple[str, int, int]] = []
             _spans(value, spans, set())
@@ -96,16 +107,21 @@ def collection_detail(colls: Iterable[KernelCollection]) -> dict[str, int]:
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Bytes of the optimizer state plus those of its parameters' collections.
+    """Bytes of the optimizer state (with its workspace of backend caches) plus those of its
+    parameters' collections.
 
     Returns:
-        ``state_bytes`` (every tensor in ``optimizer.state``), ``collection_bytes`` (see
-        :func:`collection_bytes`), ``total_bytes`` (their union) and ``collection_detail``
-        (see :func:`collection_detail`).
+        ``state_bytes`` (every tensor in ``optimizer.state`` and the optimizer's workspace),
+        ``collection_bytes`` (see :func:`collection_bytes`), ``total_bytes`` (their union) and
+        ``collection_detail`` (see :func:`collection_detail`).
     """
     params = [p for g in optimizer.param_groups for p in g["params"]]
     state: list[tuple[str, int, int]] = []
-    _spans(dict(optimizer.state), state, set())
+    workspace = getattr(optimizer, "_workspace", None)
+    seen_state: set[int] = set()
+    _spans(dict(optimizer.state), state, seen_state)
+    if workspace is not None:
+        _spans(list(workspace._entries.values()), state, seen_state)
     colls = [c for _, c in kernel_collections(params)]
     index: list[tuple[str, int, int]] = []
     seen: set[int] = set()
@@ -115,5 +131,5 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         "state_bytes": _union_bytes(state),
         "collection_bytes": _union_bytes(index),
         "total_bytes": _union_bytes(state + index),
-        "collection_detail": collection_detail(colls),
+        "collection_detail": collection_detail(colls, workspace),
     }
