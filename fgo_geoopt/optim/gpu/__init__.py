@@ -14,8 +14,6 @@ same kernels in triton's interpreter (how the test suite checks them without a G
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Any
 
 import torch
@@ -23,19 +21,11 @@ import torch
 from .._flat_plan import flat_kinds
 from .._records import Hyper, Layer
 from .._state import Workspace
+from ._env import AVAILABLE, interpreting
 
 __all__ = ["AVAILABLE", "accepts", "interpreting", "reason_refused", "step"]
 
-#: Whether triton is installed (importing it is left to the first step that needs it).
-AVAILABLE = importlib.util.find_spec("triton") is not None and not os.environ.get(
-    "FGO_DISABLE_TRITON"
-)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def interpreting() -> bool:
-    """Whether triton runs its kernels in the interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def reason_refused(

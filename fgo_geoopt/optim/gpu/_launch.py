@@ -13,7 +13,7 @@ from .._flat_plan import Bucket, FlatPlan
 from .._records import Hyper, Layer
 from .._state import Workspace
 from . import _kernels as k
-from . import interpreting
+from ._env import interpreting
 
 __all__ = ["launch", "triton_step"]
 
