@@ -138,6 +138,28 @@ def test_degenerate_kernels_become_what_the_manifolds_make_of_them(preset, monke
         torch.testing.assert_close(ba, bb, rtol=0, atol=1e-12)
 
 
+def test_channels_last_weights_take_the_same_step():
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        params = [_param(s, seed=i) for i, s in enumerate(((4, 3, 3, 3), (6, 4, 1, 1)))]
+        for p in params:
+            p.data = p.data.contiguous(memory_format=fmt)
+        plain = torch.nn.Parameter(torch.ones(2, 3, 2, 2, dtype=torch.float64))
+        plain.data = plain.data.contiguous(memory_format=fmt)
+        params.append(plain)
+        opt = FGSGD(params, lr=0.3, momentum=0.9, backend="torch")
+        gen = _gen(0)
+        for _ in range(3):
+            for p in params:
+                grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                p.grad = grad.contiguous(memory_format=fmt)
+            opt.step()
+        assert params[0].is_contiguous(memory_format=fmt)
+        results.append([p.detach().contiguous() for p in params])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

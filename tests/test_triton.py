@@ -186,3 +186,12 @@ def test_launches_per_step_on_a_small_resnet(monkeypatch):
     kernel_shapes = {p.manifold.kernel_shape for p in model.parameters() if hasattr(p, "manifold")}
     assert len(kernel_shapes) >= 3  # 7x7, 3x3 and filter-view columns
     assert 0 < len(launches) <= 64, len(launches)
+
+
+def test_triton_refuses_what_it_cannot_step():
+    coll = build_collection((4, 3, 3, 3), "pio4")
+    p = geoopt.ManifoldParameter(coll.projx(torch.randn(4, 3, 3, 3, dtype=torch.float64)),
+                                 manifold=coll)  # fmt: skip
+    p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match=r"backend='triton' cannot step a torch\.float64"):
+        FGSGD([p], lr=0.1, backend="triton").step()

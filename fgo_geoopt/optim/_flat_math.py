@@ -22,7 +22,14 @@ from ._flat_plan import Bucket
 from ._flat_retract import column_retract, const, matrix_retract, per_sub_row, row_sums
 from ._records import Hyper
 
-__all__ = ["column_pass1", "column_pass2", "lr_step", "matrix_pass1", "matrix_pass2"]
+__all__ = [
+    "column_pass1",
+    "column_pass2",
+    "lr_step",
+    "matrix_pass1",
+    "matrix_pass2",
+    "untall",
+]
 
 F64 = torch.float64
 
@@ -62,7 +69,7 @@ def _tall(t: torch.Tensor, bucket: Bucket) -> torch.Tensor:
     return v.mT if a < b else v
 
 
-def _untall(t: torch.Tensor, bucket: Bucket) -> torch.Tensor:
+def untall(t: torch.Tensor, bucket: Bucket) -> torch.Tensor:
     a, b = bucket.shape
     return t.mT if a < b else t
 
@@ -116,7 +123,7 @@ def matrix_pass2(x_stored, x, r, buf, bucket: Bucket, hyper: Hyper, factors, coe
         y = torch.where(keep, y, _tall(x_stored, bucket))
         if b is not None:
             b = torch.where(keep, b, old)
-    return _untall(y, bucket), b
+    return untall(y, bucket), b
 
 
 # ----------------------------------------------------------------------------- column buckets

@@ -351,10 +351,9 @@ def fgsgd(
         layer = Layer(param=p, coll=p.manifold, grad=grad, state=state[p],
                       first="momentum_buffer" not in state[p])  # fmt: skip
         chosen[which].append(layer)
-    if chosen["torch"]:
-        counts += torch_step.step(chosen["torch"], hyper, workspace)
-    if chosen["gpu"]:
-        counts += gpu.step(chosen["gpu"], hyper, workspace)
+    for name, module in (("torch", torch_step), ("gpu", gpu)):
+        if chosen[name]:
+            counts += module.step(chosen[name], hyper, workspace)
     if chosen["cpu"]:
         counts.append(cpu.step(chosen["cpu"], hyper, workspace))
     for p in other:
@@ -369,20 +368,16 @@ def _backend_of(p: torch.Tensor, backend: str, workspace: Workspace) -> str:
     coll = p.manifold
     if backend == "torch":
         return "torch"
+    for name, module in (("triton", gpu), ("fused", cpu)):
+        if backend == name and not module.accepts(coll, p, workspace):
+            raise ValueError(
+                f"backend={name!r} cannot step a {p.dtype} parameter on {p.device} with "
+                f"manifolds {coll.manifold_names}: {module.reason_refused(coll, p)}"
+            )
     if backend == "triton":
-        if gpu.accepts(coll, p, workspace):
-            return "gpu"
-        raise ValueError(
-            f"backend='triton' cannot step a {p.dtype} parameter on {p.device} with manifolds "
-            f"{coll.manifold_names}: {gpu.reason_refused(coll, p)}"
-        )
+        return "gpu"
     if cpu.accepts(coll, p, workspace):
         return "cpu"
-    if backend == "fused":
-        raise ValueError(
-            f"backend='fused' cannot step a {p.dtype} parameter on {p.device} with manifolds "
-            f"{coll.manifold_names}: {cpu.reason_refused(coll, p)}"
-        )
     if p.device.type == "cpu":
         _warn_fallback_once(cpu.reason_refused(coll, p))
         return "torch"

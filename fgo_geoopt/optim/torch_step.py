@@ -85,7 +85,7 @@ def flat_step(layers: list[Layer], hyper: Hyper, workspace: Workspace) -> torch.
         if b is not None:
             if bucket.kind == "matrix":
                 a, c = bucket.shape
-                buf.view(-1, a, c).copy_(fm._untall(b, bucket))
+                buf.view(-1, a, c).copy_(fm.untall(b, bucket))
             else:
                 buf.view_as(b).copy_(b)
         sources += _per_layer(y, bucket)

@@ -228,7 +228,7 @@ def _column_step(x_ptr, g_ptr, s_ptr, b_ptr, start, i, m, c, inv_tau, coef, lr, 
     """One chunk of a column: the moved point ``y``, the new buffer ``b`` and the scale."""
     x = tl.load(x_ptr + start + i, mask=m, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + start + i, mask=m, other=0.0).to(tl.float32)
-    s = 1.0
+    s = tl.full(x.shape, 1.0, tl.float32)  # a tensor either way: it is returned
     if HAS_SCALE:
         s = tl.load(s_ptr + start + i, mask=m, other=1.0).to(tl.float32)
     x, g = _unit(x, g, s, sign, wd, KIND, HAS_SCALE, STORED)
