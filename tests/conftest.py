@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+# Without a GPU the Triton backend's tests run its kernels on CPU tensors in triton's
+# interpreter, which must be switched on before the kernels are defined (fgo_geoopt defines
+# them at its first Triton step, never at import).
+if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 settings.register_profile(
     "ci",

@@ -757,7 +757,7 @@ INVALID_ARGS = [
     ({"maximize": 1}, r"maximize must be a bool, got 1"),
     ({"adaptive_step": None}, r"adaptive_step must be a bool, got None"),
     ({"nonfinite": "ignore"}, r"nonfinite must be one of skip, raise, none, got 'ignore'"),
-    ({"backend": "cuda"}, r"backend must be one of auto, fused, torch, got 'cuda'"),
+    ({"backend": "cuda"}, r"backend must be one of auto, fused, torch, triton, got 'cuda'"),
     ({"stabilize": 0}, r"stabilize must be None or a positive int, got 0"),
     ({"stabilize": True}, r"stabilize must be None or a positive int, got True"),
     ({"stabilize": 2.0}, r"stabilize must be None or a positive int, got 2\.0"),

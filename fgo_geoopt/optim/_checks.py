@@ -19,6 +19,7 @@ __all__ = [
     "METRICS",
     "NONFINITE_POLICIES",
     "check_loaded_state",
+    "check_lr_device",
     "check_number",
     "finite_flags",
     "raise_if_nonfinite",
@@ -26,7 +27,7 @@ __all__ = [
 ]
 
 NONFINITE_POLICIES = ("skip", "raise", "none")
-BACKENDS = ("auto", "fused", "torch")
+BACKENDS = ("auto", "fused", "torch", "triton")
 #: Metrics of the step on re-scaled collections (see ``FGSGD``).
 METRICS = ("unit", "stored")
 
@@ -48,7 +49,16 @@ def check_number(
 
 
 def validate(group: dict[str, Any]) -> None:
-    check_number("lr", group["lr"])
+    capturable = group.get("capturable", False)
+    if not isinstance(capturable, bool):
+        raise ValueError(f"capturable must be a bool, got {capturable!r}")
+    lr = group["lr"]
+    if capturable and isinstance(lr, torch.Tensor):
+        # its value lives on the device: reading it here would synchronise every step
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError("lr must be a number or a one-element floating-point tensor")
+    else:
+        check_number("lr", lr)
     check_number("momentum", group["momentum"], high=1.0, high_open=True)
     check_number("dampening", group["dampening"], high=1.0)
     check_number("weight_decay", group["weight_decay"])
@@ -70,6 +80,11 @@ def validate(group: dict[str, Any]) -> None:
         isinstance(stabilize, bool) or not isinstance(stabilize, int) or stabilize < 1
     ):
         raise ValueError(f"stabilize must be None or a positive int, got {stabilize!r}")
+    if capturable and (group["nonfinite"] == "raise" or stabilize is not None):
+        raise ValueError(
+            "capturable=True steps without reading the device: nonfinite='raise' (which "
+            "reads the gradients) and stabilize (a re-projection every N steps) do not fit it"
+        )
 
 
 def check_loaded_state(groups: list[dict[str, Any]], state_dict: dict[str, Any]) -> None:
@@ -138,4 +153,14 @@ def raise_if_nonfinite(params: list[torch.Tensor]) -> None:
         raise FloatingPointError(
             f"non-finite gradient (NaN / inf entries) in {len(bad)} parameter(s) (positions "
             f"{bad} of the group with gradients); nothing was updated"
+        )
+
+
+def check_lr_device(lr: torch.Tensor, params: list[torch.Tensor]) -> None:
+    devices = {p.device for p in params}
+    if devices and devices != {lr.device}:
+        raise ValueError(
+            f"with capturable=True a tensor lr must be on the parameters' device "
+            f"({', '.join(sorted(map(str, devices)))}), not on {lr.device}: a CPU number would "
+            "be captured as a constant"
         )

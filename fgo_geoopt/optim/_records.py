@@ -1,7 +1,8 @@
 """The records the optimizer hands to its backends: one step's settings and one layer's work.
 
-A backend (``torch_step``, the CPU package ``cpu``) takes a list of :class:`Layer` and one
-:class:`Hyper` and steps them; it never sees an optimizer, nor reads a parameter group.
+A backend (``torch_step``, the CPU package ``cpu``, the Triton package ``gpu``) takes a list of
+:class:`Layer` and one :class:`Hyper` and steps them; it never sees an optimizer, nor reads a
+parameter group.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["Hyper", "Layer"]
+__all__ = ["Hyper", "Layer", "total_count"]
 
 
 @dataclass(frozen=True)
 class Hyper:
     """The settings of one step of one parameter group (already validated)."""
 
-    lr: float
+    #: A number, or (``capturable=True``) a one-element tensor on the parameters' device,
+    #: read by the device and never by the host.
+    lr: float | torch.Tensor
     momentum: float
     dampening: float
     nesterov: bool
@@ -27,14 +30,18 @@ class Hyper:
     adaptive: bool
     #: Skip (and count) POMs whose gradient has NaN / inf entries.
     check: bool
+    #: ``"unit"`` or ``"stored"`` (``FGSGD``'s ``metric``). The CPU backend gets the stored
+    #: metric's gradient in ``Layer.grad`` already; the flat backends apply it themselves.
+    metric: str = "unit"
 
 
 @dataclass
 class Layer:
     """One parameter on a :class:`~fgo_geoopt.KernelCollection`, ready to be stepped.
 
-    ``grad`` is the gradient the step reads: ``p.grad``, or that of the stored metric
-    (``dL/dW / R^2`` on re-scaled collections). ``state`` is the parameter's optimizer state:
+    ``grad`` is the gradient the step reads: ``p.grad``, or, for the CPU backend, that of the
+    stored metric (``dL/dW / R^2`` on re-scaled collections; the flat backends take ``p.grad``
+    and apply ``Hyper.metric`` themselves). ``state`` is the parameter's optimizer state:
     its ``"momentum_buffer"`` (absent before the first step with momentum) is created and kept
     in the layout the backend chooses (``_state.set_layout``).
     """
@@ -45,3 +52,17 @@ class Layer:
     state: dict[str, Any]
     #: No momentum buffer yet: this step stores the direction itself as the buffer.
     first: bool
+
+
+def total_count(counts: list[int | torch.Tensor]) -> int | torch.Tensor:
+    """The sum of host and device counts, without reading the device ones."""
+    host = sum(c for c in counts if not isinstance(c, torch.Tensor))
+    tensors = [c for c in counts if isinstance(c, torch.Tensor)]
+    if not tensors:
+        return host
+    total = (
+        tensors[0]
+        if len(tensors) == 1
+        else torch.stack([t.to(tensors[0].device) for t in tensors]).sum()
+    )
+    return total + host if host else total

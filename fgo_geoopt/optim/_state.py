@@ -12,6 +12,7 @@ Checkpoints hold the buffers and that int; the workspace is rebuilt on demand, n
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,15 +29,22 @@ __all__ = [
 
 class Workspace:
     """Per-collection caches of one optimizer's backends: plans, index tensors, scale factors
-    and the arrays a backend reuses from step to step.
+    and the arrays a backend reuses from step to step; and the cross-layer plans of the flat
+    steps (``plan``), which hold their layers by weak reference.
 
     Entries are dropped with their collection (weak keys) and whenever its scales change
     (``KernelCollection.set_scale`` installs a new tensor). Nothing here is state in the
-    checkpoint sense: a fresh workspace gives the same steps.
+    checkpoint sense: a fresh workspace gives the same steps. (The flat steps keep momentum
+    buffers as views of one flat tensor per plan; the state holds those views, so a checkpoint
+    still has one ``(K, n)`` buffer per parameter.)
     """
+
+    #: Cross-layer plans kept at most (one per parameter group, device and dtype in practice).
+    MAX_PLANS = 16
 
     def __init__(self) -> None:
         self._entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._plans: dict[Any, Any] = {}
 
     def of(self, coll: Any) -> dict[str, Any]:
         """The cache of ``coll`` (a dict the backends fill under their own keys)."""
@@ -45,8 +53,21 @@ class Workspace:
             entry = self._entries[coll] = {"scale": coll.scale}
         return entry
 
+    def plan(self, key: Any, valid: Callable[[Any], bool], build: Callable[[], Any]) -> Any:
+        """A plan over several layers (the flat steps' index sets), under ``key``: the cached
+        one while ``valid(plan)`` holds, else a new one from ``build()``. A few plans are kept,
+        the least recently used are dropped."""
+        plan = self._plans.pop(key, None)
+        if plan is None or not valid(plan):
+            plan = build()
+        self._plans[key] = plan  # most recent last
+        while len(self._plans) > self.MAX_PLANS:
+            self._plans.pop(next(iter(self._plans)))
+        return plan
+
     def clear(self) -> None:
         self._entries = weakref.WeakKeyDictionary()
+        self._plans = {}
 
 
 def plain_buffer(st: dict[str, Any]) -> torch.Tensor | None:

@@ -11,10 +11,16 @@ import torch
 from geoopt.optim import RiemannianSGD
 
 from ..collections import KernelCollection
-from . import cpu, torch_step
-from ._checks import NONFINITE_POLICIES, check_loaded_state, raise_if_nonfinite, validate
+from . import cpu, gpu, torch_step
+from ._checks import (
+    NONFINITE_POLICIES,
+    check_loaded_state,
+    check_lr_device,
+    raise_if_nonfinite,
+    validate,
+)
 from ._plain import generic_step, plain_step, split_params
-from ._records import Hyper, Layer
+from ._records import Hyper, Layer, total_count
 from ._state import Workspace, plain_buffer, to_tiles
 
 __all__ = ["FGSGD", "NONFINITE_POLICIES", "fgsgd"]
@@ -25,6 +31,7 @@ _FG_DEFAULTS = {
     "nonfinite": "skip",
     "backend": "auto",
     "metric": "unit",
+    "capturable": False,
 }
 
 
@@ -69,14 +76,18 @@ class FGSGD(RiemannianSGD):
             manifold parameter, or the affected plain parameter, are left untouched (weights
             and momentum) and counted in ``optimizer.nonfinite_count``. ``"raise"``: raise
             ``FloatingPointError`` before anything is updated. ``"none"``: no check (fastest).
-        backend: ``"auto"`` (fused numba step on CPU where possible, batched torch otherwise),
-            ``"fused"`` (require it), or ``"torch"`` (batched torch ops everywhere).
+        backend: ``"auto"`` (the fused numba step on CPU where possible, the Triton kernels on
+            CUDA where triton is importable, the flat torch step otherwise), ``"fused"`` or
+            ``"triton"`` (require that one), or ``"torch"`` (the flat torch step everywhere).
         metric: The metric of the step on re-scaled collections (``W = R * w``). ``"unit"``
             (default, the paper read literally): the Riemannian gradient of the unit kernels
             ``w``, ``R * dL/dW``. ``"stored"``: that of the stored weights ``W``, which is
             ``dL/dW / R`` in unit coordinates, so a constrained kernel moves as far, relative to
             its size, as SGD would move it, and as the unscaled Euclidean kernels of its filter
             do. Identical where a collection has no scales. See ``docs/optimizer.md``.
+        capturable: Allow ``lr`` to be a one-element tensor on the parameters' device and read
+            nothing on the host in ``step()``, so that the step can be captured in a CUDA graph
+            (``docs/optimizer.md``). Not with ``nonfinite="raise"`` nor ``stabilize``.
 
     Note:
         **Momentum** follows :class:`torch.optim.SGD`: the first step stores the (Riemannian,
@@ -108,6 +119,7 @@ class FGSGD(RiemannianSGD):
         nonfinite: str = "skip",
         backend: str = "auto",
         metric: str = "unit",
+        capturable: bool = False,
     ):
         defaults = {
             "lr": lr,
@@ -120,13 +132,17 @@ class FGSGD(RiemannianSGD):
             "nonfinite": nonfinite,
             "backend": backend,
             "metric": metric,
+            "capturable": capturable,
             "stabilize": stabilize,
         }
         validate(defaults)
         if backend == "fused" and not cpu.AVAILABLE:
             raise ValueError("backend='fused' needs numba, which is not importable here")
+        if backend == "triton" and not gpu.AVAILABLE:
+            raise ValueError("backend='triton' needs triton, which is not importable here")
         self._fg_defaults = {k: defaults[k] for k in _FG_DEFAULTS}
-        self.nonfinite_count = 0
+        self._skipped_host = 0
+        self._skipped_device: dict[torch.device, torch.Tensor] = {}
         self._workspace = Workspace()  # the backends' caches; never saved
         super().__init__(
             params,
@@ -148,13 +164,36 @@ class FGSGD(RiemannianSGD):
         super().__setstate__(state)
         if not hasattr(self, "_fg_defaults"):
             self._fg_defaults = dict(_FG_DEFAULTS)
-        if not hasattr(self, "nonfinite_count"):
-            self.nonfinite_count = 0
+        if not hasattr(self, "_skipped_host"):
+            self._skipped_host = int(state.get("nonfinite_count", 0))
+            self._skipped_device = {}
+        self.__dict__.pop("nonfinite_count", None)  # pickles of earlier versions
         self._workspace = Workspace()
         for group in self.param_groups:
             for key, value in _FG_DEFAULTS.items():
                 group.setdefault(key, value)
             group.setdefault("stabilize", None)
+
+    @property
+    def nonfinite_count(self) -> int:
+        """Skipped POMs and parameters so far (``nonfinite="skip"``). The flat steps count on
+        the device; reading this property reads those counters (a host sync), the step never
+        does."""
+        return self._skipped_host + sum(int(t) for t in self._skipped_device.values())
+
+    @nonfinite_count.setter
+    def nonfinite_count(self, value: int) -> None:
+        self._skipped_host = int(value)
+        self._skipped_device = {}
+
+    def _count_skipped(self, skipped: int | torch.Tensor) -> None:
+        if isinstance(skipped, torch.Tensor):
+            total = self._skipped_device.get(skipped.device)
+            if total is None:
+                total = self._skipped_device[skipped.device] = torch.zeros_like(skipped)
+            total.add_(skipped)
+        else:
+            self._skipped_host += int(skipped)
 
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()
@@ -217,9 +256,9 @@ class FGSGD(RiemannianSGD):
                 backend=group["backend"],
                 metric=group["metric"],
                 workspace=self._workspace,
+                capturable=group["capturable"],
             )
-            if skipped is not None:
-                self.nonfinite_count += skipped
+            self._count_skipped(skipped)
             if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
                 self.stabilize_group(group)
         return loss
@@ -262,7 +301,7 @@ def fgsgd(
     params: list[torch.Tensor],
     state: dict[torch.Tensor, dict[str, Any]],
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     momentum: float,
     dampening: float,
     weight_decay: float,
@@ -273,16 +312,19 @@ def fgsgd(
     backend: str,
     metric: str = "unit",
     workspace: Workspace | None = None,
-) -> int:
+    capturable: bool = False,
+) -> int | torch.Tensor:
     """Functional FG-SGD step over ``params`` (all with gradients); returns the skipped count.
 
-    Plain parameters take torch's SGD; collection parameters go to a backend (the fused CPU one
-    where ``backend`` and the parameter allow, the batched torch one otherwise), all layers of a
-    backend together; parameters on other geoopt manifolds take the generic step.
+    Plain parameters take torch's SGD step (on one flat buffer per device and dtype);
+    collection parameters go to a backend (the fused CPU one, the Triton one or the flat torch
+    one, as ``backend`` and the parameter allow), all layers of a backend together; parameters
+    on other geoopt manifolds take the generic step. The count is an int where only the CPU
+    backend counted, else a tensor on the device (``int()`` of it waits for the device).
     """
     workspace = _FUNCTIONAL_WORKSPACE if workspace is None else workspace
     hyper = Hyper(
-        lr=float(lr),
+        lr=lr if capturable and isinstance(lr, torch.Tensor) else float(lr),
         momentum=momentum,
         dampening=dampening,
         nesterov=nesterov,
@@ -290,70 +332,56 @@ def fgsgd(
         weight_decay=weight_decay,
         adaptive=adaptive_step,
         check=nonfinite == "skip",
+        metric=metric,
     )
     plain, colls, other = split_params(params)
     if nonfinite == "raise":
         raise_if_nonfinite(params)
-    skipped: int | torch.Tensor = 0
+    if isinstance(hyper.lr, torch.Tensor):
+        check_lr_device(hyper.lr, params)
+    counts: list[int | torch.Tensor] = []
     if plain:
-        skipped = skipped + plain_step(
-            plain,
-            state,
-            hyper.lr,
-            momentum,
-            dampening,
-            weight_decay,
-            nesterov,
-            maximize,
-            hyper.check,
-        )
-    on_cpu, batched = [], []
+        counts += plain_step(plain, state, hyper, workspace)
+    chosen: dict[str, list[Layer]] = {"cpu": [], "gpu": [], "torch": []}
     for p in colls:
-        layer = _layer(p, state[p], metric, workspace)
-        (on_cpu if _takes_cpu(layer, backend, workspace) else batched).append(layer)
-    if batched:
-        skipped = skipped + torch_step.step(batched, hyper, workspace)
-    if on_cpu:
-        skipped = skipped + cpu.step(on_cpu, hyper, workspace)
+        which = _backend_of(p, backend, workspace)
+        grad = p.grad
+        if which == "cpu" and metric == "stored" and p.manifold.scale is not None:
+            grad = torch_step.stored_metric_grad(p.manifold, grad, workspace)
+        layer = Layer(param=p, coll=p.manifold, grad=grad, state=state[p],
+                      first="momentum_buffer" not in state[p])  # fmt: skip
+        chosen[which].append(layer)
+    for name, module in (("torch", torch_step), ("gpu", gpu)):
+        if chosen[name]:
+            counts += module.step(chosen[name], hyper, workspace)
+    if chosen["cpu"]:
+        counts.append(cpu.step(chosen["cpu"], hyper, workspace))
     for p in other:
-        skipped = skipped + generic_step(
-            p,
-            state,
-            hyper.lr,
-            momentum,
-            dampening,
-            nesterov,
-            maximize,
-            adaptive_step,
-            hyper.check,
-        )
-    return int(skipped)
+        count = generic_step(p, state, hyper)
+        if count is not None:
+            counts.append(count)
+    return total_count(counts)
 
 
-def _layer(p: torch.Tensor, st: dict[str, Any], metric: str, workspace: Workspace) -> Layer:
-    """The record a backend steps: ``p`` with the gradient of ``metric``."""
-    coll: KernelCollection = p.manifold
-    grad = p.grad
-    if metric == "stored" and coll.scale is not None:
-        grad = grad * _inverse_square_scale(coll, grad, workspace)
-    return Layer(param=p, coll=coll, grad=grad, state=st, first="momentum_buffer" not in st)
-
-
-def _takes_cpu(layer: Layer, backend: str, workspace: Workspace) -> bool:
-    """Whether the fused CPU backend steps ``layer`` (else the batched torch one does)."""
+def _backend_of(p: torch.Tensor, backend: str, workspace: Workspace) -> str:
+    """Which backend steps the collection parameter ``p``: ``cpu``, ``gpu`` or ``torch``."""
+    coll = p.manifold
     if backend == "torch":
-        return False
-    p, coll = layer.param, layer.coll
+        return "torch"
+    for name, module in (("triton", gpu), ("fused", cpu)):
+        if backend == name and not module.accepts(coll, p, workspace):
+            raise ValueError(
+                f"backend={name!r} cannot step a {p.dtype} parameter on {p.device} with "
+                f"manifolds {coll.manifold_names}: {module.reason_refused(coll, p)}"
+            )
+    if backend == "triton":
+        return "gpu"
     if cpu.accepts(coll, p, workspace):
-        return True
-    if backend == "fused":
-        raise ValueError(
-            f"backend='fused' cannot step a {p.dtype} parameter on {p.device} with manifolds "
-            f"{coll.manifold_names}: {cpu.reason_refused(coll, p)}"
-        )
+        return "cpu"
     if p.device.type == "cpu":
         _warn_fallback_once(cpu.reason_refused(coll, p))
-    return False
+        return "torch"
+    return "gpu" if gpu.accepts(coll, p, workspace) else "torch"
 
 
 _FALLBACK_WARNED: set[str] = set()
@@ -371,20 +399,3 @@ def _warn_fallback_once(reason: str) -> None:
         UserWarning,
         stacklevel=5,
     )
-
-
-def _inverse_square_scale(
-    coll: KernelCollection, like: torch.Tensor, workspace: Workspace
-) -> torch.Tensor:
-    """``1 / R^2`` for every entry of the weight (1 on Euclidean kernels), in the layout of
-    ``like``: turns ``R * dL/dW``, the unit-coordinate gradient the steps form, into
-    ``dL/dW / R`` (``metric="stored"``). Kept in the workspace until the scales change."""
-    from ..rescaling import entry_scale
-
-    cache = workspace.of(coll)
-    key = ("inverse square scale", str(like.device), like.dtype)
-    out = cache.get(key)
-    if out is None:
-        factor = entry_scale(coll, dtype=torch.float64, device=like.device)
-        out = cache[key] = factor.pow(-2).to(like.dtype)
-    return out
