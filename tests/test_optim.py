@@ -896,8 +896,8 @@ def test_loaded_state_keeps_the_constructors_backend():
 def test_auto_says_once_when_it_falls_back_to_torch_on_cpu(monkeypatch):
     import importlib
 
-    fgsgd_module = importlib.import_module("fgo_geoopt.optim.fgsgd")
-    monkeypatch.setattr(fgsgd_module, "_FALLBACK_WARNED", set())
+    dispatch = importlib.import_module("fgo_geoopt.optim._dispatch")
+    monkeypatch.setattr(dispatch, "_FALLBACK_WARNED", set())
     coll = build_collection((4, 3, 3, 3), "pio4", seed=0)
     w = geoopt.ManifoldParameter(
         coll.projx(torch.randn(4, 3, 3, 3)).to(torch.bfloat16), manifold=coll

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,6 +18,7 @@ from ._checks import (
     raise_if_nonfinite,
     validate,
 )
+from ._dispatch import backend_of
 from ._plain import generic_step, plain_step, split_params
 from ._records import Hyper, Layer, total_count
 from ._state import Workspace, plain_buffer, to_tiles
@@ -344,7 +344,7 @@ def fgsgd(
         counts += plain_step(plain, state, hyper, workspace)
     chosen: dict[str, list[Layer]] = {"cpu": [], "gpu": [], "torch": []}
     for p in colls:
-        which = _backend_of(p, backend, workspace)
+        which = backend_of(p, backend, workspace)
         grad = p.grad
         if which == "cpu" and metric == "stored" and p.manifold.scale is not None:
             grad = torch_step.stored_metric_grad(p.manifold, grad, workspace)
@@ -361,41 +361,3 @@ def fgsgd(
         if count is not None:
             counts.append(count)
     return total_count(counts)
-
-
-def _backend_of(p: torch.Tensor, backend: str, workspace: Workspace) -> str:
-    """Which backend steps the collection parameter ``p``: ``cpu``, ``gpu`` or ``torch``."""
-    coll = p.manifold
-    if backend == "torch":
-        return "torch"
-    for name, module in (("triton", gpu), ("fused", cpu)):
-        if backend == name and not module.accepts(coll, p, workspace):
-            raise ValueError(
-                f"backend={name!r} cannot step a {p.dtype} parameter on {p.device} with "
-                f"manifolds {coll.manifold_names}: {module.reason_refused(coll, p)}"
-            )
-    if backend == "triton":
-        return "gpu"
-    if cpu.accepts(coll, p, workspace):
-        return "cpu"
-    if p.device.type == "cpu":
-        _warn_fallback_once(cpu.reason_refused(coll, p))
-        return "torch"
-    return "gpu" if gpu.accepts(coll, p, workspace) else "torch"
-
-
-_FALLBACK_WARNED: set[str] = set()
-
-
-def _warn_fallback_once(reason: str) -> None:
-    """Say once per reason and process that ``backend="auto"`` steps a CPU collection with
-    the batched torch ops, tens of times slower there than the fused step."""
-    if reason in _FALLBACK_WARNED:
-        return
-    _FALLBACK_WARNED.add(reason)
-    warnings.warn(
-        f"FG-SGD steps CPU collections with the batched torch ops (much slower than the fused "
-        f"step): {reason}. backend='torch' says so explicitly and silences this.",
-        UserWarning,
-        stacklevel=5,
-    )
