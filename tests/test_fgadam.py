@@ -610,6 +610,7 @@ def test_group_values_changed_after_construction_are_validated_at_step():
 # ----------------------------------------------------------------- DDP (2 gloo processes)
 def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.set_num_threads(1)  # two processes on a shared machine
     try:
         torch.manual_seed(0)
         net = _Net().double()
@@ -647,3 +648,32 @@ def test_ddp_ranks_step_identically_and_as_one_process(tmp_path):
         assert torch.equal(ranks[0][key], ranks[1][key]), key
         torch.testing.assert_close(ranks[0][key], value.detach(), rtol=0, atol=1e-10)
     assert not _violations(net.conv.weight, atol=1e-12)
+
+
+# ----------------------------------------------------------------- timm
+@_one_thread()
+def test_timm_factory_builds_fgadam_for_a_wrapped_resnet():
+    timm = pytest.importorskip("timm")
+    import fgo_geoopt
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=10)
+    fgo_geoopt.wrap(model, "pio4")
+    assert "fgadam" in timm.optim.list_optimizers()
+    opt = timm.optim.create_optimizer_v2(model, "fgadam", lr=1e-3)
+    assert type(opt) is FGAdam and opt.defaults["betas"] == (0.9, 0.999)
+    decayed = timm.optim.create_optimizer_v2(
+        model, "fgadam", lr=1e-3, weight_decay=0.05, eps=1e-6, betas=(0.8, 0.99)
+    )
+    assert decayed.defaults["eps"] == 1e-6 and decayed.defaults["betas"] == (0.8, 0.99)
+    assert {g["weight_decay"] for g in decayed.param_groups} == {0.0, 0.05}
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    wrapped = [p for p in model.parameters() if isinstance(p, geoopt.ManifoldParameter)]
+    before = [p.detach().clone() for p in wrapped]
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert fgo_geoopt.check(model) == []
+    assert all(not torch.equal(p, q) for p, q in zip(wrapped, before, strict=True))
+    assert all(opt.state[p]["exp_avg_sq"].shape == (p.manifold.num_poms,) for p in wrapped)
