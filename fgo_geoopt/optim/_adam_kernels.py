@@ -57,6 +57,8 @@ class _Columns:
     column of ``n`` entries), the oblique manifold, and Stiefel kernels with one column."""
 
     decays = False
+    #: ``view`` of a first-moment block is the block itself (updated in place).
+    in_place = True
 
     def __init__(self, a: int, b: int):
         self.a, self.b = a, b
@@ -86,7 +88,8 @@ class _Columns:
         return c
 
     def grad(self, x, g):
-        return torch.addcmul(g, x, (x * g).sum(0, keepdim=True), value=-1.0)
+        """The Riemannian gradient; may overwrite ``g`` (a loaded copy)."""
+        return g.addcmul_(x, (x * g).sum(0, keepdim=True), value=-1.0)
 
     def sq(self, u):
         return (u * u).sum((0, 1))
@@ -97,7 +100,8 @@ class _Columns:
         return y.mul_((y * y).sum(0, keepdim=True).clamp_min_(tiny).rsqrt_())
 
     def transp(self, x, y, m):
-        return self.grad(y, m)
+        """``m`` moved to the tangent space at ``y``, in place."""
+        return m.addcmul_(y, (y * m).sum(0, keepdim=True), value=-1.0)
 
 
 class _Add(_Columns):
@@ -117,12 +121,24 @@ class _Add(_Columns):
 
 class _Stiefel(_Columns):
     """Stiefel kernels with several columns: ``u - x sym(x^T u)`` and the Q factor of QR with a
-    positive diagonal by Gram-Schmidt with a second pass, as ``KernelStiefel`` computes it."""
+    positive diagonal by classical Gram-Schmidt with a second pass, as ``KernelStiefel``
+    computes it. Loops run over the ``B`` columns only, each op over every kernel at once."""
 
     def grad(self, x, g):
-        c = (x.unsqueeze(2) * g.unsqueeze(1)).sum(0)  # (B, B, K_t): x^T g per kernel
+        return self._project(x, g)
+
+    def transp(self, x, y, m):
+        return self._project(y, m)
+
+    @staticmethod
+    def _project(x, u):
+        """``u - x sym(x^T u)``, written into ``u``."""
+        b = x.shape[1]
+        c = torch.stack([(x[:, i : i + 1] * u).sum(0) for i in range(b)])  # x^T u: (B, B, K_t)
         s = (c + c.transpose(0, 1)).mul_(0.5)
-        return g - (x.unsqueeze(2) * s.unsqueeze(0)).sum(1)
+        for i in range(b):
+            u.addcmul_(x[:, i : i + 1], s[i : i + 1], value=-1.0)
+        return u
 
     def step(self, x, m, c):
         y = torch.addcmul(x, m, c, value=-1.0)
@@ -130,16 +146,18 @@ class _Stiefel(_Columns):
         out = torch.empty_like(y)
         for j in range(y.shape[1]):
             v = y[:, j]
-            if j:
-                q = out[:, :j]
-                for _ in range(2):
-                    v = v - (q * (q * v.unsqueeze(1)).sum(0, keepdim=True)).sum(1)
-            out[:, j] = v * (v * v).sum(0, keepdim=True).clamp_min_(tiny).rsqrt_()
+            for _ in range(2 if j else 0):  # v - Q (Q^T v), twice (in y's own column)
+                coefs = [(out[:, i] * v).sum(0) for i in range(j)]
+                for i, coef in enumerate(coefs):
+                    v.addcmul_(out[:, i], coef, value=-1.0)
+            out[:, j] = v * (v * v).sum(0).clamp_min_(tiny).rsqrt_()
         return out
 
 
 class _Generic(_Columns):
     """Any other manifold: its own maps on ``(K_t, A, B)`` kernels."""
+
+    in_place = False
 
     def __init__(self, manifold, a: int, b: int):
         super().__init__(a, b)
@@ -148,8 +166,8 @@ class _Generic(_Columns):
     def view(self, block):  # the manifold's own maps want kernels: a kernel-major copy
         return block.t().reshape(-1, self.a, self.b)
 
-    def load(self, rows):
-        return rows.reshape(-1, self.a, self.b)
+    def load(self, rows):  # a copy: the manifold's maps may write into their arguments
+        return rows.reshape(-1, self.a, self.b).clone()
 
     def put_block(self, t, block):
         block.copy_(t.reshape(t.shape[0], -1).t())

@@ -72,16 +72,11 @@ def _scalar_dtype() -> torch.dtype:
 # ---------------------------------------------------------------------------- plans
 @dataclass
 class _Segment:
-    """The kernels of one manifold type: rows ``[k0, k1)`` of the gathered layer, and their
-    POMs, the contiguous run ``[p0, p1)``."""
+    """The kernels of one manifold type: rows ``[k0, k1)`` of the gathered layer."""
 
     geo: Any
     k0: int
     k1: int
-    p0: int
-    p1: int
-    lpom: torch.Tensor | None  # (k1 - k0,) POM of every kernel minus p0; None: one kernel each
-    inv_count: torch.Tensor  # (p1 - p0,) 1 / entries of each POM
     scale: torch.Tensor | None  # R in the geometry's layout; None where unscaled
 
 
@@ -93,6 +88,7 @@ class _Rows:
     inv_count: torch.Tensor  # (P,)
     scale: torch.Tensor | None  # (K, n), 1 on Euclidean rows
     euclid: torch.Tensor | None  # (K, 1), 1.0 on Euclidean rows; None: not a mix
+    free: torch.Tensor | None  # 1 - euclid: 1.0 on constrained rows
     constrained: bool  # any row on a sphere
 
 
@@ -104,6 +100,8 @@ class _Gathered:
     segments: list[_Segment]
     perm: torch.Tensor | None
     inverse: torch.Tensor | None
+    pom: torch.Tensor | None  # (K,) POM of every gathered kernel; None: one kernel each
+    inv_count: torch.Tensor  # (P,)
 
 
 def _plan(coll: KernelCollection, device, work, workspace: Workspace):
@@ -117,7 +115,6 @@ def _plan(coll: KernelCollection, device, work, workspace: Workspace):
 
 def _build_plan(coll: KernelCollection, device, work):
     a, b = coll.kernel_shape
-    pom_type = coll.pom_type.long()
     inv_count = (1.0 / (coll.pom_sizes.double() * coll.kernel_numel)).to(device, work)
     escale = coll.elem_scale(device, work)
     per_type = coll._indices(device)["per_type"]
@@ -134,22 +131,23 @@ def _build_plan(coll: KernelCollection, device, work):
             if euclid is not None:
                 scale = torch.where(euclid.bool(), torch.ones_like(scale), scale)
         lpom = None if coll.pom_kernels is None else coll.kernel_pom.to(device)
-        return _Rows(lpom, inv_count, scale, euclid, constrained)
+        free = None if euclid is None else 1.0 - euclid
+        return _Rows(lpom, inv_count, scale, euclid, free, constrained)
     segments, k0 = [], 0
-    for geo, (t, idx, pom, row_pos) in zip(geos, per_type, strict=True):
-        p0 = int((pom_type < t).sum())
-        p1 = p0 + int((pom_type == t).sum())
+    for geo, (t, idx, _, row_pos) in zip(geos, per_type, strict=True):
         k1 = k0 + idx.numel()
         scale = None
         if escale is not None and coll.manifold_names[t] != "euclidean":
             scale = geo.load(escale.index_select(0, row_pos))
-        lpom = None if p1 - p0 == k1 - k0 else pom - p0
-        segments.append(_Segment(geo, k0, k1, p0, p1, lpom, inv_count[p0:p1], scale))
+        segments.append(_Segment(geo, k0, k1, scale))
         k0 = k1
+    # POMs are numbered by manifold type, then by first kernel: with one kernel each, the
+    # gathered order is the POMs' order.
+    pom = None if coll.pom_kernels is None else torch.cat([q for _, _, q, _ in per_type])
     if len(per_type) == 1:
-        return _Gathered(segments, None, None)
+        return _Gathered(segments, None, None, pom, inv_count)
     perm = torch.cat([idx for _, idx, _, _ in per_type])
-    return _Gathered(segments, perm, torch.argsort(perm))
+    return _Gathered(segments, perm, torch.argsort(perm), pom, inv_count)
 
 
 # ---------------------------------------------------------------------------- the step
@@ -292,10 +290,8 @@ class _Moments:
         return (_per_kernel(coef, lpom) if per_pom else coef), ok
 
 
-def _skipped(ok: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    if ok is None:
-        return torch.zeros((), dtype=torch.int64, device=like.device)
-    return (~ok).sum()
+def _skipped(ok: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | int:
+    return 0 if ok is None else (~ok).sum()
 
 
 def _rows_step(plan: _Rows, kx, kg, m, v, vmax, hyper, moments) -> torch.Tensor:
@@ -306,7 +302,7 @@ def _rows_step(plan: _Rows, kx, kg, m, v, vmax, hyper, moments) -> torch.Tensor:
         g = kg / plan.scale if hyper.metric == "stored" else kg * plan.scale
     if hyper.maximize:
         g = -g
-    free = None if plan.euclid is None else 1.0 - plan.euclid  # 1 on constrained rows
+    free = plan.free  # 1 on constrained rows (None: all are)
     rg = g
     if plan.constrained:  # project the constrained rows
         dots = rowdot(x, g).unsqueeze(1)
@@ -337,8 +333,8 @@ def _rows_step(plan: _Rows, kx, kg, m, v, vmax, hyper, moments) -> torch.Tensor:
 
 
 def _gathered_step(plan: _Gathered, kx, kg, m, v, vmax, hyper, moments) -> torch.Tensor:
-    """Kernels gathered in type order; each type stepped as one segment. ``m``: the first
-    moment in blocks, flat."""
+    """Kernels gathered in type order: every type's Riemannian gradient, then the moments of
+    the whole layer, then every type's step. ``m``: the first moment in blocks, flat."""
     kernel_v = hyper.moment == "kernel"
     n = kx.shape[1]
     if plan.perm is None:  # one type: the rows are stepped where they are
@@ -347,49 +343,55 @@ def _gathered_step(plan: _Gathered, kx, kg, m, v, vmax, hyper, moments) -> torch
         xa, ga = kx.index_select(0, plan.perm), kg.index_select(0, plan.perm)
         vs = v.index_select(0, plan.perm) if kernel_v else v
         vmaxs = vmax.index_select(0, plan.perm) if kernel_v and vmax is not None else vmax
-    skipped = _skipped(None, kx)
+    ksq = kx.new_empty(kx.shape[0])
+    parts = []
     for seg in plan.segments:
+        geo = seg.geo
+        x, g = geo.load(xa[seg.k0 : seg.k1]), geo.load(ga[seg.k0 : seg.k1])
+        if hyper.maximize:
+            g = -g
+        if seg.scale is not None:  # unit coordinates w = W / R
+            x = x / seg.scale
+            g = g / seg.scale if hyper.metric == "stored" else g * seg.scale
+        rg = geo.grad(x, g)
+        ksq[seg.k0 : seg.k1] = geo.sq(rg)
+        parts.append((x, rg))
+    coef, ok = moments(ksq, plan.pom, plan.inv_count, vs, vmaxs)
+    keep = None if ok is None else _per_kernel(ok, plan.pom)
+    for seg, (x, rg) in zip(plan.segments, parts, strict=True):
         rows = slice(seg.k0, seg.k1)
-        slots = rows if kernel_v else slice(seg.p0, seg.p1)
         block = m[seg.k0 * n : seg.k1 * n].view(n, seg.k1 - seg.k0)
-        vmax_seg = None if vmaxs is None else vmaxs[slots]
-        skipped = skipped + _segment_step(
-            seg, xa[rows], ga[rows], block, vs[slots], vmax_seg, hyper, moments
-        )
+        _segment_step(seg, x, rg, xa[rows], block, coef[rows], keep, hyper)
     if plan.perm is not None:
         torch.index_select(xa, 0, plan.inverse, out=kx)
         if kernel_v:
             torch.index_select(vs, 0, plan.inverse, out=v)
             if vmax is not None:
                 torch.index_select(vmaxs, 0, plan.inverse, out=vmax)
-    return skipped
+    return _skipped(ok, kx)
 
 
-def _segment_step(seg: _Segment, xr, gr, mb, v, vmax, hyper, moments) -> torch.Tensor:
-    """One manifold type of a gathered layer: its rows ``xr`` (contiguous ``(K_t, n)``) and its
-    first moment ``mb`` (an entry-major ``(n, K_t)`` block) are overwritten with the new values,
-    its second moments ``v`` / ``vmax`` updated in place. Returns the number of skipped POMs."""
+def _segment_step(seg: _Segment, x, rg, xr, mb, coef, keep, hyper) -> None:
+    """The step of one manifold type of a gathered layer, from its unit kernels ``x`` and their
+    Riemannian gradient ``rg``: its rows ``xr`` (contiguous ``(K_t, n)``) and its first moment
+    ``mb`` (an entry-major ``(n, K_t)`` block) are overwritten with the new values. ``keep``:
+    per gathered kernel, whether it steps (``None``: all do)."""
     geo = seg.geo
-    x, g, m_old = geo.load(xr), geo.load(gr), geo.view(mb)
-    if hyper.maximize:
-        g = -g
-    if seg.scale is not None:  # unit coordinates w = W / R
-        x = x / seg.scale
-        g = g / seg.scale if hyper.metric == "stored" else g * seg.scale
-    rg = geo.grad(x, g)
-    coef, ok = moments(geo.sq(rg), seg.lpom, seg.inv_count, v, vmax)
-    m = torch.lerp(m_old, rg, 1.0 - hyper.beta1)
+    m_old = geo.view(mb)
+    # Where no POM is skipped the first moment is updated in its block, in place.
+    in_place = keep is None and geo.in_place
+    m = m_old.lerp_(rg, 1.0 - hyper.beta1) if in_place else torch.lerp(m_old, rg, 1.0 - hyper.beta1)
     x_step = x
     if geo.decays and hyper.weight_decay:  # decoupled weight decay (AdamW)
         x_step = x * (1.0 - hyper.lr * hyper.weight_decay)
     y = geo.step(x_step, m, geo.bcast(coef))
-    m = geo.transp(x, y, m)  # the first moment moves to the new point
-    if ok is not None:
-        keep = geo.bcast(_per_kernel(ok, seg.lpom))
-        y = torch.where(keep, y, x)
-        m = torch.where(keep, m, m_old)
+    m = geo.transp(x, y, m)  # the first moment moves to the new point (in place)
+    if keep is not None:
+        k = geo.bcast(keep[seg.k0 : seg.k1])
+        y = torch.where(k, y, x)
+        m = torch.where(k, m, m_old)
     if seg.scale is not None:
         y = y * seg.scale
     geo.put(y, xr)
-    geo.put_block(m, mb)
-    return _skipped(ok, xr)
+    if not in_place:
+        geo.put_block(m, mb)
