@@ -192,6 +192,26 @@ def test_second_moment_is_the_mean_square_per_pom_by_hand():
     torch.testing.assert_close(q.detach(), p.detach(), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(6, 4, 3, 3), (6, 4, 1, 1)], ids=["spatial", "filter"])
+@pytest.mark.parametrize("metric", ["unit", "stored"])
+def test_first_step_moves_every_pom_by_lr_per_entry_in_its_metric(metric, shape):
+    """From zero moments the direction is r / rms(r): each POM moves by lr per entry (rms),
+    measured in unit coordinates (metric="unit") or in the stored weights ("stored")."""
+    p = _manifold_param(shape, "pio3", seed=6, scaled=True)
+    coll = p.manifold
+    before = p.detach().clone()
+    p.grad = _kernel_grad(coll, torch.Generator().manual_seed(0))
+    lr = 1e-5  # the retraction's second-order change is below the tolerance
+    FGAdam([p], lr=lr, eps=1e-30, weight_decay=0.0, metric=metric).step()
+    moved = (p.detach() - before).reshape(coll.num_kernels, -1)
+    if metric == "unit":
+        moved = moved / coll.elem_scale(p.device, p.dtype).repeat(coll.shape[0], 1)
+    sq = torch.zeros(coll.num_poms, dtype=torch.float64)
+    sq.index_add_(0, coll.kernel_pom, moved.pow(2).sum(1))
+    rms = (sq / (coll.pom_sizes * coll.kernel_numel)).sqrt()
+    torch.testing.assert_close(rms, torch.full_like(rms, lr), rtol=1e-4, atol=0)
+
+
 def test_kernel_moment_has_one_scalar_per_kernel():
     p = _manifold_param((8, 6, 3, 3), "pio4")
     assert p.manifold.num_poms != p.manifold.num_kernels

@@ -307,7 +307,10 @@ def _rows_step(plan: _Rows, kx, kg, m, v, vmax, hyper, moments) -> torch.Tensor:
     if plan.constrained:  # project the constrained rows
         dots = rowdot(x, g).unsqueeze(1)
         rg = torch.addcmul(g, x, dots if free is None else dots.mul_(free), value=-1.0)
-    coef, ok = moments(rowdot(rg, rg), plan.lpom, plan.inv_count, v, vmax)
+    stored = hyper.metric == "stored" and plan.scale is not None
+    # The squared norm in the step's metric: |R r|^2 in the stored weights' metric.
+    ksq = rowdot(rg, rg * plan.scale.square()) if stored else rowdot(rg, rg)
+    coef, ok = moments(ksq, plan.lpom, plan.inv_count, v, vmax)
     x_old, m_old = (x.clone(), m.clone()) if ok is not None else (None, None)
     m.lerp_(rg, 1.0 - hyper.beta1)
     y = x  # x_old keeps the point where POMs may be skipped
@@ -354,7 +357,9 @@ def _gathered_step(plan: _Gathered, kx, kg, m, v, vmax, hyper, moments) -> torch
             x = x / seg.scale
             g = g / seg.scale if hyper.metric == "stored" else g * seg.scale
         rg = geo.grad(x, g)
-        ksq[seg.k0 : seg.k1] = geo.sq(rg)
+        # The squared norm in the step's metric: |R r|^2 in the stored weights' metric.
+        stored = hyper.metric == "stored" and seg.scale is not None
+        ksq[seg.k0 : seg.k1] = geo.sq(rg * seg.scale if stored else rg)
         parts.append((x, rg))
     coef, ok = moments(ksq, plan.pom, plan.inv_count, vs, vmaxs)
     keep = None if ok is None else _per_kernel(ok, plan.pom)

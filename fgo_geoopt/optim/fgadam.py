@@ -46,6 +46,7 @@ class FGAdam(RiemannianAdam):
         r_k   = proj_{T w_k}(G_k)                 # every kernel k (Sp / Ob / St / Euc)
         v_g   = b2 v_g + (1 - b2) |r_g|^2 / N_g   # N_g: entries of the POM (moment="pom")
         v_k   = b2 v_k + (1 - b2) |r_k|^2 / n     # instead, with moment="kernel"
+                                                  # |r|: |R * r| with metric="stored"
         m_k   = b1 m_k + (1 - b1) r_k
         d_k   = m_k / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps)    # v: max over steps (amsgrad)
         w_k   = w_k * (1 - lr * weight_decay)     # Euclidean kernels only (AdamW's decay)
@@ -70,8 +71,11 @@ class FGAdam(RiemannianAdam):
         nonfinite: What a NaN / inf gradient does: ``"skip"`` (default; the affected POMs, or
             plain parameters, keep weights and moments, counted in ``nonfinite_count``),
             ``"raise"`` (``FloatingPointError`` before anything is updated) or ``"none"``.
-        metric: ``"unit"`` (default) or ``"stored"``: the gradient of the unit kernels or of the
-            stored weights on re-scaled collections, as :class:`~fgo_geoopt.FGSGD`'s.
+        metric: ``"unit"`` (default) or ``"stored"``: the metric of the step on re-scaled
+            collections, that of the unit kernels or that of the stored weights (the gradient
+            ``dL/dW / R`` in unit coordinates as in :class:`~fgo_geoopt.FGSGD`, and its norm
+            ``|R * r|`` in the second moment, so that a stored weight moves by about ``lr`` per
+            entry, as under AdamW).
         stabilize: Re-project parameters and first moments onto their manifolds every this
             many steps (``None``: never).
 

@@ -78,15 +78,22 @@ def reference_adam_step(
             et, _ = _tall(e)
             units[k] = (xt, flipped, s)
             rgrads[k] = _project(kind, xt, et)
+        # The squared norm of every kernel's gradient in the metric of the step: that of the
+        # unit kernels, or |R r_k|^2, that of the stored weights (metric="stored").
+        sq = {}
+        for k in kernels:
+            xt, flipped, s = units[k]
+            r = rgrads[k].t() if flipped else rgrads[k]
+            sq[k] = float(torch.sum((s * r) ** 2 if metric == "stored" else r**2))
         # The second moment: the mean squared entry of the gradient, per POM or per kernel.
         if moment == "pom":
-            mean_sq = sum(float(torch.sum(rgrads[k] ** 2)) for k in kernels) / (len(kernels) * n)
+            mean_sq = sum(sq.values()) / (len(kernels) * n)
             v[g] = beta2 * v[g] + (1.0 - beta2) * mean_sq
             if amsgrad:
                 v_max[g] = max(float(v_max[g]), float(v[g]))
         else:
             for k in kernels:
-                v[k] = beta2 * v[k] + (1.0 - beta2) * float(torch.sum(rgrads[k] ** 2)) / n
+                v[k] = beta2 * v[k] + (1.0 - beta2) * sq[k] / n
                 if amsgrad:
                     v_max[k] = max(float(v_max[k]), float(v[k]))
         for k in kernels:
