@@ -115,7 +115,9 @@ REF_CONFIGS = {
 }
 
 
-def _run_against_reference(grouping, manifolds, config, *, steps, dtype=torch.float64):
+def _run_against_reference(
+    grouping, manifolds, config, *, steps, dtype=torch.float64, device="cpu"
+):
     """Step FGAdam and reference_adam.py on the same gradients; return the worst errors of the
     weights, the first moments and the second moments (relative)."""
     config = dict(config)
@@ -124,7 +126,9 @@ def _run_against_reference(grouping, manifolds, config, *, steps, dtype=torch.fl
     start = [
         _manifold_param(s, grouping, manifolds, seed=i, scaled=scaled) for i, s in enumerate(LAYERS)
     ]
-    params = [geoopt.ManifoldParameter(p.detach().to(dtype), manifold=p.manifold) for p in start]
+    params = [
+        geoopt.ManifoldParameter(p.detach().to(device, dtype), manifold=p.manifold) for p in start
+    ]
     opt = FGAdam(params, **hyper)
     ref_w = [p.detach().clone() for p in start]
     ref_s: list = [None] * len(start)
@@ -138,12 +142,13 @@ def _run_against_reference(grouping, manifolds, config, *, steps, dtype=torch.fl
                     p.manifold, ref_w[i], grads[i], ref_s[i], **hyper
                 )
         for p, g in zip(params, grads, strict=True):
-            p.grad = g.to(dtype)
+            p.grad = g.to(device, dtype)
         opt.step()
         for i, p in enumerate(params):
-            mine, theirs = opt.state[p], ref_s[i]
-            worst["weight"] = max(worst["weight"], (p.double() - ref_w[i]).abs().max().item())
-            m = opt.exp_avg(p).double().reshape(theirs["exp_avg"].shape)
+            mine = {k: v.cpu() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+            theirs = ref_s[i]
+            worst["weight"] = max(worst["weight"], (p.cpu().double() - ref_w[i]).abs().max().item())
+            m = opt.exp_avg(p).cpu().double().reshape(theirs["exp_avg"].shape)
             worst["exp_avg"] = max(worst["exp_avg"], (m - theirs["exp_avg"]).abs().max().item())
             key = "max_exp_avg_sq" if hyper.get("amsgrad") else "exp_avg_sq"
             rel = (mine[key].double() - theirs[key]).abs() / theirs[key]
@@ -165,6 +170,12 @@ def test_batched_step_matches_reference_float32(grouping, config):
         grouping, None, REF_CONFIGS[config], steps=8, dtype=torch.float32
     )
     assert max(worst.values()) < 1e-5, worst
+
+
+def test_batched_step_matches_reference_on_device(device):
+    config = REF_CONFIGS["amsgrad-maximize-rescaled"]
+    worst = _run_against_reference("pio4", None, config, steps=4, device=device)
+    assert max(worst.values()) < 1e-10, worst
 
 
 def test_second_moment_is_the_mean_square_per_pom_by_hand():
