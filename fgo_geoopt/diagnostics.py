@@ -269,7 +269,9 @@ def _collection_rows(
                 "eff_lr": _mean(_rel(u_new[sel], u_old[sel])),
                 "rgrad": _mean(rg_unit[sel].norm(dim=1)),
                 "tau_mean": _mean(tau[poms]),
-                "tau_gt1": _mean((tau[poms] > 1.0).double()),
+                "tau_gt1": (
+                    _mean((tau[poms] > 1.0).double()) if adaptive is not None else float("nan")
+                ),
             }
         )
     return rows

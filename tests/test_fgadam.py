@@ -681,6 +681,23 @@ def test_ddp_ranks_step_identically_and_as_one_process(tmp_path):
     assert not _violations(net.conv.weight, atol=1e-12)
 
 
+def test_diagnostics_leave_eq7_empty_under_fgadam():
+    from fgo_geoopt.diagnostics import StepRecorder
+
+    net = _Net()
+    _wrap(net)
+    opt = FGAdam(net.parameters(), lr=0.01)
+    recorder = StepRecorder(net, every=1)
+    gen = torch.Generator().manual_seed(0)
+    data = (torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 4, (8,), generator=gen))
+    recorder.snapshot()
+    _train(net, opt, data, steps=1)
+    recorder.record(opt)
+    rows = [r for r in recorder.rows() if r["type"] != "plain"]
+    assert rows and all(r["tau_mean"] != r["tau_mean"] for r in rows)  # NaN: no Eq. (7)
+    assert all(r["tau_gt1"] != r["tau_gt1"] and r["kernel_angle"] > 0 for r in rows)
+
+
 # ----------------------------------------------------------------- timm
 @_one_thread()
 def test_timm_factory_builds_fgadam_for_a_wrapped_resnet():
