@@ -725,3 +725,28 @@ def test_timm_factory_builds_fgadam_for_a_wrapped_resnet():
     assert fgo_geoopt.check(model) == []
     assert all(not torch.equal(p, q) for p, q in zip(wrapped, before, strict=True))
     assert all(opt.state[p]["exp_avg_sq"].shape == (p.manifold.num_poms,) for p in wrapped)
+
+
+def test_adam_benchmark_runs_end_to_end(tmp_path, capsys):
+    """benchmarks/adam_step.py on a tiny timm model: every case timed, ratios and target lines
+    printed, the samples written (speed is what the script reports, not what this asserts)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    pytest.importorskip("timm")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "adam_step.py"
+    spec = importlib.util.spec_from_file_location("fgo_benchmark_adam_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "samples.json"
+    argv = ["--model", "test_resnet", "--repeats", "2", "--warmup", "1", "--no-strict"]
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main([*argv, "--malloc", "default", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    assert "target FGAdam <= 3x AdamW(foreach)" in text and "RiemannianAdam" in text
+    samples = json.loads(out.read_text())["samples_ms"]
+    assert len(samples) == 3 and all(len(s) == 2 and min(s) > 0 for s in samples.values())
