@@ -11,7 +11,7 @@ from .manifolds import (
     list_manifolds,
     register_manifold,
 )
-from .optim import FGSGD
+from .optim import FGSGD, FGAdam
 from .rescaling import Rescaler
 from .wrapping import (
     check,
@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FGSGD",
     "PRESETS",
+    "FGAdam",
     "KernelCollection",
     "KernelEuclidean",
     "KernelSphere",

@@ -13,7 +13,7 @@ layer and per manifold type:
   itself for plain parameters);
 - ``tau_mean`` and ``tau_gt1``: the mean of Eq. (7)'s ``tau_g = max(1, R_g (2 + R_g))`` over the
   POMs of that type, and the share of those POMs with ``tau_g > 1`` (where Eq. (7) shortens the
-  step). Empty for plain parameters.
+  step). Empty for plain parameters, and under FG-Adam (which has no Eq. (7)).
 
 The same numbers are computed for a Euclidean model stepped by ``torch.optim.SGD``, so two runs
 can be held side by side. Use it from any training loop::
@@ -158,7 +158,10 @@ class StepRecorder:
             new = p.detach()
             coll = getattr(p, "manifold", None)
             if isinstance(coll, KernelCollection):
-                rows = _collection_rows(coll, old, new, grad, group.get("adaptive_step", True))
+                # Eq. (7) is FG-SGD's (on unless the group says otherwise); FG-Adam, whose
+                # groups have betas, has none: its tau columns stay empty.
+                adaptive = group.get("adaptive_step", None if "betas" in group else True)
+                rows = _collection_rows(coll, old, new, grad, adaptive)
             else:
                 rows = [_plain_row(old, new, grad)]
             for row in rows:
@@ -234,7 +237,7 @@ def _collection_rows(
     old: torch.Tensor,
     new: torch.Tensor,
     grad: torch.Tensor,
-    adaptive: bool,
+    adaptive: bool | None,
 ) -> list[dict[str, Any]]:
     from .rescaling import unit_weight
 
@@ -247,6 +250,8 @@ def _collection_rows(
     # pom_sqnorm works in unit coordinates: tau_g as the optimizer computes it.
     pom_r = coll.pom_sqnorm(old64, rg).sqrt()
     tau = (pom_r * (2.0 + pom_r)).clamp_min(1.0) if adaptive else torch.ones_like(pom_r)
+    if adaptive is None:  # no Eq. (7) in this optimizer
+        tau = torch.full_like(pom_r, float("nan"))
     rg_unit = coll._kernels(unit_weight(rg, coll))
     ktype = coll.kernel_type()
     rows = []
@@ -264,7 +269,9 @@ def _collection_rows(
                 "eff_lr": _mean(_rel(u_new[sel], u_old[sel])),
                 "rgrad": _mean(rg_unit[sel].norm(dim=1)),
                 "tau_mean": _mean(tau[poms]),
-                "tau_gt1": _mean((tau[poms] > 1.0).double()),
+                "tau_gt1": (
+                    _mean((tau[poms] > 1.0).double()) if adaptive is not None else float("nan")
+                ),
             }
         )
     return rows

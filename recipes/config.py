@@ -14,7 +14,14 @@ from typing import Any
 
 import yaml
 
-__all__ = ["FG_OPTIMIZERS", "build_parser", "fg_optimizer", "parse_args", "row_label"]
+__all__ = [
+    "FG_ADAM",
+    "FG_OPTIMIZERS",
+    "build_parser",
+    "fg_optimizer",
+    "parse_args",
+    "row_label",
+]
 
 #: Table 3 labels of the presets, in the paper's row order.
 ROW_LABELS = {
@@ -27,13 +34,19 @@ ROW_LABELS = {
 _MANIFOLD_ABBREV = {"sphere": "Sp", "oblique": "Ob", "stiefel": "St", "euclidean": "Euc."}
 
 #: The FG counterpart of each plain optimizer name (FG rows use it instead of ``--opt``).
+#: AdamW's is FG-Adam, whose weight decay is decoupled as AdamW's (timm's ``adam`` couples it
+#: to the gradient, so it has none).
 FG_OPTIMIZERS = {
     "sgd": "nfgsgd",
     "momentum": "fgsgd",
     "fgsgd": "fgsgd",
     "nesterov": "nfgsgd",
     "nfgsgd": "nfgsgd",
+    "adamw": "fgadam",
+    "fgadam": "fgadam",
 }
+#: FG optimizers of the Adam family (they take ``--opt-betas``, ``--opt-eps``, ``--fg-moment``).
+FG_ADAM = ("fgadam",)
 
 
 def row_label(row: str, manifolds: Sequence[str] | None = None) -> str:
@@ -49,7 +62,7 @@ def fg_optimizer(opt: str, row: str) -> str:
 
     The Euclidean row trains the plain model with ``--opt`` itself. Every other row trains the
     wrapped model with the FG counterpart of ``--opt`` (``sgd`` / ``momentum`` -> ``fgsgd``,
-    ``nesterov`` -> ``nfgsgd``).
+    ``nesterov`` -> ``nfgsgd``, ``adamw`` -> ``fgadam``).
     """
     key = opt.lower()
     if row == "euc":
@@ -195,8 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="momentum",
         metavar="OPTIMIZER",
         help="timm optimizer of the Euclidean row; FG rows use its FG "
-        "counterpart: momentum -> fgsgd, and sgd / nesterov (Nesterov "
-        "momentum in timm) -> nfgsgd (default: momentum)",
+        "counterpart: momentum -> fgsgd, sgd / nesterov (Nesterov "
+        "momentum in timm) -> nfgsgd, adamw -> fgadam (default: momentum)",
+    )
+    group.add_argument(
+        "--opt-betas",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar="BETA",
+        help="Adam's two betas (default: the optimizer's, 0.9 0.999)",
+    )
+    group.add_argument(
+        "--opt-eps",
+        type=float,
+        default=None,
+        metavar="EPSILON",
+        help="Adam's epsilon (default: the optimizer's, 1e-8)",
     )
     group.add_argument(
         "--momentum", type=float, default=0.9, metavar="M", help="optimizer momentum (default: 0.9)"
@@ -345,6 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="FG-SGD's per-POM step size, Eq. (7) (default: on)",
+    )
+    group.add_argument(
+        "--fg-moment",
+        default=None,
+        choices=("pom", "kernel"),
+        help="FG-Adam's second moment: one per POM or one per kernel (default: pom); "
+        "FG-Adam rows only",
     )
     group.add_argument(
         "--diagnostics-every",

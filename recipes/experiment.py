@@ -78,17 +78,19 @@ def validate_runs(args: argparse.Namespace, runs: list[RunSpec], data) -> None:
 
     from fgo_geoopt.collections import resolve_strategy
 
-    from .config import fg_optimizer
+    from .config import FG_ADAM, fg_optimizer
 
-    problems = []
+    problems = _optimizer_problems(args)
     for row in dict.fromkeys(spec.row for spec in runs):
-        if row == "euc":
-            continue
         try:
-            resolve_strategy(row, args.fg_manifolds if row not in PRESETS else None)
-            fg_optimizer(args.opt, row)
+            name = fg_optimizer(args.opt, row)
+            if row != "euc":
+                resolve_strategy(row, args.fg_manifolds if row not in PRESETS else None)
         except ValueError as err:
             problems.append(f"--fg-strategy {row}: {err}")
+            continue
+        if args.fg_moment is not None and row != "euc" and name.split("_")[-1] not in FG_ADAM:
+            problems.append(f"--fg-moment applies to FG-Adam rows only; row {row} trains {name}")
     if not timm.is_model(args.model):
         close = timm.list_models(f"*{args.model.split('_')[0]}*")[:8]
         hint = f"; similar names: {', '.join(close)}" if close else ""
@@ -114,6 +116,23 @@ def validate_runs(args: argparse.Namespace, runs: list[RunSpec], data) -> None:
             f"--model {args.model} cannot run on {data.name}'s {tuple(x.shape[1:])} inputs "
             f"({err}); give a larger --img-size (e.g. --img-size 64)"
         ) from None
+
+
+def _optimizer_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with ``--opt`` and Adam's flags, before anything trains."""
+    import math
+
+    from timm.optim import list_optimizers
+
+    problems = []
+    known = set(list_optimizers())
+    if args.opt.lower().split("_")[-1] not in known:
+        problems.append(f"--opt {args.opt!r} is not a timm optimizer")
+    if args.opt_betas is not None and not all(0.0 <= b < 1.0 for b in args.opt_betas):
+        problems.append(f"--opt-betas must lie in [0, 1), got {args.opt_betas}")
+    if args.opt_eps is not None and not (math.isfinite(args.opt_eps) and args.opt_eps > 0):
+        problems.append(f"--opt-eps must be positive, got {args.opt_eps}")
+    return problems
 
 
 # ---------------------------------------------------------------------------- experiment

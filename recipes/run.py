@@ -28,7 +28,7 @@ from fgo_geoopt.diagnostics import read_csv as read_diagnostics
 
 from . import models as _models  # noqa: F401  (registers the CIFAR ResNets with timm)
 from .checkpoint import atomic_copy, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import fg_optimizer, row_label
+from .config import FG_ADAM, fg_optimizer, row_label
 from .data import DataInfo, ShardSampler
 from .distributed import DistEnv, barrier
 from .engine import evaluate, train_one_epoch
@@ -165,12 +165,19 @@ def create_run_model(
 def _optimizer(args: argparse.Namespace, row: str, model: nn.Module) -> torch.optim.Optimizer:
     fg = row != "euc"
     opt_name = fg_optimizer(args.opt, row)
-    extra = {}
+    adam = opt_name.split("_")[-1] in FG_ADAM
+    extra: dict[str, Any] = {}
     if fg:
-        extra = {
-            "metric": "stored" if args.fg_lr_rule == "matched" else "unit",
-            "adaptive_step": args.adaptive_step,
-        }
+        extra["metric"] = "stored" if args.fg_lr_rule == "matched" else "unit"
+        if adam:
+            extra["moment"] = args.fg_moment or "pom"
+        else:
+            extra["adaptive_step"] = args.adaptive_step
+    # timm drops betas / eps for optimizers that take none
+    if args.opt_betas is not None:
+        extra["betas"] = tuple(args.opt_betas)
+    if args.opt_eps is not None:
+        extra["eps"] = args.opt_eps
     return create_optimizer_v2(
         model,
         opt=opt_name,

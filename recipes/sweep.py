@@ -10,10 +10,14 @@ For every dataset and every row (a Table 3 preset or an ablation of one):
 2. **Final**: train at the chosen rate with every seed of ``--seeds`` on the whole training
    split, and report the test error at the last epoch (never the best epoch) as mean +- std.
 
+The Adam rows (AdamW on the plain model, FG-Adam on ``pio4``) take their rates from their own
+grid, ``--adam-lrs``, of as many rates as ``--lrs``; everything else is the same protocol.
+
 With no arguments it runs the offline study of ``docs/recipes.md`` on the two embedded datasets
-(``mnist5k``, ``digits``): 27 minutes on 2 CPU cores::
+(``mnist5k``, ``digits``), every row; ``--rows`` picks some::
 
     python recipes/sweep.py
+    python recipes/sweep.py --rows euc-adamw pio4-fgadam          # the Adam rows only
     python recipes/sweep.py --datasets digits --rows euc pio4 --lrs 0.05 0.1 0.2 --seeds 0 1 2
     python recipes/sweep.py --resume output/sweep/EXP     # reuses every finished run
 
@@ -53,6 +57,8 @@ class Row:
     label: str
     strategy: str
     flags: dict[str, Any] = field(default_factory=dict)
+    #: Tuned on ``--adam-lrs`` instead of ``--lrs``.
+    adam: bool = False
 
 
 #: The rows of the study, in table order.
@@ -67,10 +73,13 @@ ROWS: dict[str, Row] = {
         Row("pio4-paper", "pio4, paper's step geometry", "pio4", {"fg_lr_rule": "paper"}),
         Row("pio4-no-eq7", "pio4 without Eq. (7)", "pio4", {"adaptive_step": False}),
         Row("pio4-no-rescale", "pio4 without re-scaling", "pio4", {"rescale": False}),
+        Row("euc-adamw", "Euc. (AdamW)", "euc", {"opt": "adamw"}, adam=True),
+        Row("pio4-fgadam", "PIO (Sp+Ob+St+Euc.), FG-Adam", "pio4", {"opt": "adamw"}, adam=True),
     )
 }
 DEFAULT_DATASETS = ("mnist5k", "digits")
 DEFAULT_LRS = (0.05, 0.1, 0.2, 0.4)
+DEFAULT_ADAM_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 TUNING_FIELDS = ("row", "lr", "val_error", "val_loss", "train_loss", "time_s")
 RESULT_FIELDS = ("row", "label", "seed", "lr", "test_error", "test_loss", "train_loss", "time_s")
@@ -88,7 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--rows", nargs="+", default=list(ROWS), help=f"rows (default: {' '.join(ROWS)})"
     )
     parser.add_argument(
-        "--lrs", type=float, nargs="+", default=list(DEFAULT_LRS), help="the lr grid of every row"
+        "--lrs",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_LRS),
+        help="the lr grid of the SGD rows",
+    )
+    parser.add_argument(
+        "--adam-lrs",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_ADAM_LRS),
+        help="the lr grid of the Adam rows (AdamW, FG-Adam)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
     parser.add_argument("--tune-seed", type=int, default=0, help="seed of the tuning runs")
@@ -134,14 +154,22 @@ def _validate(opts: argparse.Namespace, train_argv: Sequence[str]) -> None:
             canonical_dataset(name)
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
-    bad = [lr for lr in opts.lrs if not (math.isfinite(lr) and lr > 0)]
+    bad = [lr for lr in (*opts.lrs, *opts.adam_lrs) if not (math.isfinite(lr) and lr > 0)]
     if bad:
         raise SystemExit(f"error: learning rates must be positive, got {bad}")
+    if len(opts.adam_lrs) != len(opts.lrs) and any(ROWS[r].adam for r in opts.rows):
+        raise SystemExit(
+            f"error: --adam-lrs has {len(opts.adam_lrs)} rates and --lrs {len(opts.lrs)}: every "
+            "row gets the same tuning budget"
+        )
     if opts.workers < 1 or opts.threads < 0:
         raise SystemExit("error: --workers must be >= 1 and --threads >= 0")
     if not 0.0 < opts.val_fraction < 1.0:
         raise SystemExit(f"error: --val-fraction must be in (0, 1), got {opts.val_fraction}")
-    for key in ("--lr", "--fg-strategy", "--seed", "--seeds", "--dataset", "--resume"):
+    keys = ("--lr", "--fg-strategy", "--seed", "--seeds", "--dataset", "--resume")
+    if any(ROWS[r].adam for r in opts.rows):
+        keys += ("--opt",)  # the Adam rows set it
+    for key in keys:
         if any(a == key or a.startswith(key + "=") for a in train_argv):
             raise SystemExit(f"error: the sweep sets {key} itself; use its own flags")
     parse_args(list(train_argv))  # unknown training flags fail now, not after an hour
@@ -233,7 +261,7 @@ def _row_study(
     tune_data = carve_validation(data, opts.val_fraction)
     tuning: list[dict[str, Any]] = []
     best = None
-    for lr in opts.lrs:
+    for lr in opts.adam_lrs if row.adam else opts.lrs:
         args = _run_args(train_argv, row, dataset, lr, opts.tune_seed)
         run_dir = out / "tune" / f"{row.name}-lr{lr:g}"
         res = _train(args, row, opts.tune_seed, tune_data, env, run_dir)
@@ -353,9 +381,16 @@ def format_table(dataset: str, rows: Sequence[Row], results, opts) -> str:
     from recipes.tables import PAPER_TABLE3
 
     paper = PAPER_TABLE3["resnet50"]
+    grid, adam_grid = (
+        "{" + ", ".join(f"{lr:g}" for lr in g) + "}" for g in (opts.lrs, opts.adam_lrs)
+    )
+    if all(r.adam for r in rows):
+        grid = adam_grid
+    elif any(r.adam for r in rows):
+        grid = f"{grid} (Adam rows: {adam_grid})"
     lines = [
         f"{dataset}: lr chosen on a validation split of the training data from "
-        f"{{{', '.join(f'{lr:g}' for lr in opts.lrs)}}} (seed {opts.tune_seed}); test error and "
+        f"{grid} (seed {opts.tune_seed}); test error and "
         f"train loss at the last epoch, mean ± std over seeds {', '.join(map(str, opts.seeds))}",
         "",
         "| row | lr | test error % | final train loss | paper, ResNet-50 ImageNet error % |",

@@ -197,8 +197,10 @@ def test_fg_optimizer_keeps_momentum_semantics():
     assert fg_optimizer("sgd", "pio4") == "nfgsgd"
     assert fg_optimizer("momentum", "st") == "fgsgd"
     assert fg_optimizer("momentum", "euc") == "momentum"
+    assert fg_optimizer("adamw", "pio3") == "fgadam"  # decoupled decay on both sides
+    assert fg_optimizer("adamw", "euc") == "adamw"
     with pytest.raises(ValueError, match="no FG counterpart"):
-        fg_optimizer("adamw", "pio3")
+        fg_optimizer("adam", "pio3")  # timm's adam couples the decay to the gradient
     assert row_label("pio4") == "PIO (Sp+Ob+St+Euc.)"
     assert row_label("pi", ["sphere", "stiefel"]) == "PI (Sp+St)"
 

@@ -114,3 +114,32 @@ def test_sweep_rejects_bad_arguments_before_training(argv, message, tmp_path, ca
         sweep.main([*argv, "--output", str(tmp_path)])
     assert message in str(err.value.code) + capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_adam_rows_tune_on_their_own_grid(tmp_path):
+    argv = ["--datasets", "digits", "--rows", "euc-adamw", "pio4-fgadam", "--lrs", "0.1", "0.2"]
+    argv += ["--adam-lrs", "0.001", "0.003", "--seeds", "0", "--workers", "1"]
+    argv += ["--output", str(tmp_path), "--experiment", "a", "--epochs", "1"]
+    assert sweep.main(argv) == 0
+    out = tmp_path / "a" / "digits"
+    tuning = _read(out / "tuning.csv")
+    assert sorted((t["row"], float(t["lr"])) for t in tuning) == [
+        ("euc-adamw", 0.001),
+        ("euc-adamw", 0.003),
+        ("pio4-fgadam", 0.001),
+        ("pio4-fgadam", 0.003),
+    ]
+    table = (out / "table.md").read_text()
+    assert "{0.001, 0.003}" in table and "Euc. (AdamW)" in table and "FG-Adam" in table
+    args = (out / "final" / "pio4-fgadam-seed0" / "args.yaml").read_text()
+    assert "opt: adamw" in args and "fg_strategy:\n- pio4" in args
+
+
+def test_adam_grid_must_give_the_same_budget(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        sweep.main(["--rows", "euc-adamw", "--adam-lrs", "0.001", "--output", str(tmp_path)])
+    assert "same tuning budget" in str(err.value.code)
+    with pytest.raises(SystemExit) as err:
+        sweep.main(["--rows", "pio4-fgadam", "--opt", "sgd", "--output", str(tmp_path)])
+    assert "the sweep sets --opt itself" in str(err.value.code)
+    assert not any(tmp_path.iterdir())

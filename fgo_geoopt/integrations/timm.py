@@ -1,15 +1,15 @@
-"""timm integration: parameter groups and FG-SGD in timm's optimizer factory.
+"""timm integration: parameter groups, and FG-SGD and FG-Adam in timm's optimizer factory.
 
 This is the only module of the package that imports timm, and only inside the functions that
 need it: ``import fgo_geoopt`` works without timm installed.
 
 - :func:`param_groups` rewrites a model's parameters into optimizer groups; it is usable as
   ``timm.optim.create_optimizer_v2(..., param_group_fn=param_groups)``.
-- :func:`register_timm_optimizers` adds ``fgsgd`` and ``nfgsgd`` (Nesterov) to timm's optimizer
-  factory. It runs as soon as both ``fgo_geoopt`` and ``timm.optim`` are imported, in either
-  order, without importing timm itself (importing timm would double the import time of
-  ``fgo_geoopt``): an import hook registers the names right after ``timm.optim`` loads.
-  :func:`fgo_geoopt.wrap` calls it too, so there is nothing else to call.
+- :func:`register_timm_optimizers` adds ``fgsgd``, ``nfgsgd`` (Nesterov) and ``fgadam`` to
+  timm's optimizer factory. It runs as soon as both ``fgo_geoopt`` and ``timm.optim`` are
+  imported, in either order, without importing timm itself (importing timm would double the
+  import time of ``fgo_geoopt``): an import hook registers the names right after
+  ``timm.optim`` loads. :func:`fgo_geoopt.wrap` calls it too, so there is nothing else to call.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..collections import KernelCollection
-from ..optim import FGSGD
+from ..optim import FGSGD, FGAdam
 
 __all__ = [
     "OPTIMIZER_NAMES",
@@ -41,7 +41,7 @@ _logger = logging.getLogger(__name__)
 
 #: Names registered with timm's factory. No underscore: timm splits ``opt`` on ``_`` and keeps
 #: the last token (``lookahead_fgsgd`` works; ``fg_sgd`` would silently build ``sgd``).
-OPTIMIZER_NAMES = ("fgsgd", "nfgsgd")
+OPTIMIZER_NAMES = ("fgsgd", "nfgsgd", "fgadam")
 #: First timm release with the optimizer registry (``timm.optim._optim_factory.default_registry``).
 TIMM_MIN_VERSION = (1, 0, 12)
 
@@ -70,7 +70,8 @@ def param_groups(
     3. Manifold parameters whose kernels are all constrained: ``weight_decay=0`` (a fixed-norm
        kernel has nothing to decay, ``docs/design.md``).
     4. Collections that also hold Euclidean kernels (``pio4``): ``weight_decay``, which
-       :class:`~fgo_geoopt.FGSGD` applies to their Euclidean kernels only. With
+       :class:`~fgo_geoopt.FGSGD` and :class:`~fgo_geoopt.FGAdam` apply to their Euclidean
+       kernels only. With
        ``euclidean_kernel_decay=False`` these join group 3 instead.
 
     Group dicts hold only the parameter list and floats, so ``optimizer.state_dict()`` loads
@@ -159,15 +160,27 @@ def _optim_infos() -> list[Any]:
             defaults={"nesterov": True},
             **common,
         ),
+        # One name: FG-Adam's weight decay is always decoupled (AdamW's), so an "fgadamw"
+        # would be the same optimizer.
+        OptimInfo(
+            name="fgadam",
+            opt_class=FGAdam,
+            description="FG-Adam: Adam with one second moment per POM, decoupled weight decay "
+            "on Euclidean parameters",
+            has_eps=True,
+            has_betas=True,
+            has_momentum=False,
+        ),
     ]
 
 
 def register_timm_optimizers() -> bool:
-    """Register ``fgsgd`` and ``nfgsgd`` with timm's optimizer factory (idempotent).
+    """Register ``fgsgd``, ``nfgsgd`` and ``fgadam`` with timm's optimizer factory (idempotent).
 
     Afterwards ``timm.optim.create_optimizer_v2(model, opt="fgsgd", lr=..., momentum=...,
-    weight_decay=...)`` builds :class:`~fgo_geoopt.FGSGD`, with timm's default weight-decay
-    groups or with ``param_group_fn``. FGSGD never decays constrained kernels, so timm's
+    weight_decay=...)`` builds :class:`~fgo_geoopt.FGSGD` (``opt="fgadam"``:
+    :class:`~fgo_geoopt.FGAdam`, with ``betas`` and ``eps``), with timm's default weight-decay
+    groups or with ``param_group_fn``. Neither optimizer decays constrained kernels, so timm's
     default groups (every weight of ndim > 1 decayed) give the same steps as
     :func:`param_groups`.
 

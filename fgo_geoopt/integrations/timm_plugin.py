@@ -1,15 +1,16 @@
-"""Run FG-SGD from timm's own ``train.py`` (``--device-modules`` plugin).
+"""Run FG-SGD or FG-Adam from timm's own ``train.py`` (``--device-modules`` plugin).
 
-Usage: ``train.py ... --opt fgsgd --device-modules fgo_geoopt.integrations.timm_plugin``.
+Usage: ``train.py ... --opt fgsgd --device-modules fgo_geoopt.integrations.timm_plugin``
+(or ``--opt fgadam``).
 
 timm's training script imports the modules named by ``--device-modules`` before it builds the
 model, and hands the model to exactly one function we can reach afterwards: the optimizer
 factory (``create_optimizer_v2(model, ...)``), called before checkpoint resume, before the EMA
 copy and before DDP / ``torch.compile``. Importing this module therefore
 
-1. registers ``fgsgd`` / ``nfgsgd`` with timm's optimizer registry, and
-2. makes that registry wrap an unwrapped model (:func:`fgo_geoopt.wrap`) when an FG-SGD
-   optimizer is requested for it, configured by environment variables:
+1. registers ``fgsgd`` / ``nfgsgd`` / ``fgadam`` with timm's optimizer registry, and
+2. makes that registry wrap an unwrapped model (:func:`fgo_geoopt.wrap`) when one of these
+   optimizers is requested for it, configured by environment variables:
 
    ============== ======================================= ==========
    variable       meaning                                 default
@@ -25,7 +26,7 @@ copy and before DDP / ``torch.compile``. Importing this module therefore
 
 Importing it changes timm's process-wide registry object (an instance attribute that wraps
 its ``create_optimizer``); :func:`uninstall` undoes that. A model that is already wrapped, and
-every optimizer other than FG-SGD, go through timm untouched. Groupings depend only on the
+every other optimizer, go through timm untouched. Groupings depend only on the
 seed, the parameter names and the shapes, so ``--resume`` rebuilds the same ones.
 """
 
@@ -70,7 +71,8 @@ def _is_wrapped(model: nn.Module) -> bool:
 
 
 def install() -> None:
-    """Register FG-SGD with timm and wrap models handed to its factory for FG-SGD (idempotent)."""
+    """Register the FG optimizers with timm and wrap models handed to its factory for them
+    (idempotent)."""
     if not register_timm_optimizers():
         raise RuntimeError("the FG-SGD timm plugin needs timm >= 1.0.12")
     registry = _timm_registry()

@@ -164,3 +164,104 @@ def check_lr_device(lr: torch.Tensor, params: list[torch.Tensor]) -> None:
             f"({', '.join(sorted(map(str, devices)))}), not on {lr.device}: a CPU number would "
             "be captured as a constant"
         )
+
+
+# ---------------------------------------------------------------------------- FG-Adam
+#: Granularities of FG-Adam's second moment on collections.
+ADAM_MOMENTS = ("pom", "kernel")
+#: Group keys that only torch's own Adam / AdamW save (FGAdam has none of them).
+TORCH_ADAM_KEYS = ("foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
+
+
+def validate_adam(group: dict[str, Any]) -> None:
+    """Check the values of an FGAdam parameter group (``ValueError`` naming the bad one)."""
+    check_number("lr", group["lr"])
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair of numbers, got {betas!r}")
+    check_number("beta1", betas[0], high=1.0, high_open=True)
+    check_number("beta2", betas[1], high=1.0, high_open=True)
+    check_number("eps", group["eps"])
+    if float(group["eps"]) <= 0.0:
+        raise ValueError(
+            f"Invalid eps: {group['eps']} (expected > 0: a POM whose gradient is zero would "
+            "divide 0 by 0)"
+        )
+    check_number("weight_decay", group["weight_decay"])
+    for key in ("amsgrad", "maximize"):
+        if not isinstance(group[key], bool):
+            raise ValueError(f"{key} must be a bool, got {group[key]!r}")
+    if group["moment"] not in ADAM_MOMENTS:
+        raise ValueError(
+            f"moment must be one of {', '.join(ADAM_MOMENTS)}, got {group['moment']!r}"
+        )
+    if group["nonfinite"] not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {group['nonfinite']!r}"
+        )
+    if group["metric"] not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {group['metric']!r}")
+    stabilize = group.get("stabilize")
+    if stabilize is not None and (
+        isinstance(stabilize, bool) or not isinstance(stabilize, int) or stabilize < 1
+    ):
+        raise ValueError(f"stabilize must be None or a positive int, got {stabilize!r}")
+
+
+def check_adam_state(groups: list[dict[str, Any]], state_dict: dict[str, Any]) -> None:
+    """Refuse moments that ``FGAdam.step()`` would misread (see ``FGAdam.load_state_dict``)."""
+    saved_groups = state_dict.get("param_groups", [])
+    if len(saved_groups) != len(groups):
+        return  # torch's own check names that mismatch
+    saved_state = state_dict.get("state", {})
+    fix = (
+        "resume from a state dict saved by FGAdam on the wrapped model (create the optimizer "
+        "after fgo_geoopt.wrap), or do not load the optimizer state and start the moments fresh"
+    )
+    for g, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
+        foreign = any(key in saved for key in TORCH_ADAM_KEYS)
+        moment = saved.get("moment", "pom")
+        for i, (p, pid) in enumerate(zip(group["params"], saved.get("params", []), strict=False)):
+            st = saved_state.get(pid, {})
+            if not st:
+                continue
+            where = f"parameter {i} of group {g} (shape {tuple(p.shape)})"
+            manifold = getattr(p, "manifold", None)
+            if isinstance(manifold, KernelCollection):
+                if foreign:
+                    raise ValueError(
+                        f"the state of {where} was saved by another optimizer (a torch one, "
+                        "such as AdamW): its moments are in the weight's layout, while FGAdam "
+                        f"keeps them in unit coordinates on manifold parameters; {fix}"
+                    )
+                second = (manifold.num_poms,) if moment == "pom" else (manifold.num_kernels,)
+                expected = {
+                    "exp_avg": (manifold.num_kernels, manifold.kernel_numel),
+                    "exp_avg_sq": second,
+                    "max_exp_avg_sq": second,
+                }
+            elif manifold is not None and not _is_euclidean(manifold):
+                expected = {"exp_avg": tuple(p.shape), "exp_avg_sq": (), "max_exp_avg_sq": ()}
+            else:
+                shape = tuple(p.shape)
+                expected = {"exp_avg": shape, "exp_avg_sq": shape, "max_exp_avg_sq": shape}
+            missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in st]
+            if missing:
+                raise ValueError(f"the state of {where} has no {', '.join(missing)}; {fix}")
+            for key, shape in expected.items():
+                buf = st.get(key)
+                if buf is None:
+                    continue
+                if not isinstance(buf, torch.Tensor):
+                    raise ValueError(f"the {key} of {where} is not a tensor; {fix}")
+                if tuple(buf.shape) != shape:
+                    raise ValueError(
+                        f"the {key} of {where} has shape {tuple(buf.shape)}, FGAdam expects "
+                        f"{shape} (moment={moment!r}); {fix}"
+                    )
+
+
+def _is_euclidean(manifold: Any) -> bool:
+    import geoopt
+
+    return isinstance(manifold, geoopt.Euclidean)
