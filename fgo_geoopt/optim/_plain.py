@@ -5,7 +5,9 @@ POM). Neither reads a value on the host.
 The flat SGD step makes the element-wise operations of ``torch.optim.SGD(foreach=True)`` in
 the same order with the same scalars, on the concatenation of the parameters instead of on the
 list: a fixed number of ops whatever the number of parameters, and the same numbers (the tests
-compare the bits on CPU).
+compare the bits on CPU). On a CPU with the fused backend (``flat=False``), where ops cost no
+launches and the concatenations would cost copies, torch's own ``foreach`` step runs instead
+(the non-finite check then reads one flag per parameter on the host).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from typing import Any
 
 import geoopt
 import torch
+from torch.optim.sgd import sgd as _torch_sgd
 
 from ..collections import KernelCollection
+from ._checks import finite_flags
 from ._flat_math import lr_step
 from ._records import Hyper
 from ._state import Workspace
@@ -75,21 +79,63 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1) if t.is_contiguous() else t.reshape(-1)
 
 
-def plain_step(params, state, hyper: Hyper, workspace: Workspace) -> list[torch.Tensor]:
-    """SGD on plain parameters; returns the skipped counts (device tensors), one per
-    device and dtype (none without the check)."""
+def plain_step(
+    params, state, hyper: Hyper, workspace: Workspace, flat: bool = True
+) -> list[torch.Tensor | int]:
+    """SGD on plain parameters; returns the skipped counts (device tensors on the flat step),
+    one per device and dtype (none without the check). ``flat=False``: CPU parameters take
+    torch's ``foreach`` step."""
     by_kind: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
         if p.numel():
             by_kind.setdefault((p.device, p.dtype), []).append(p)
     counts = []
     for group in by_kind.values():
+        if not flat and group[0].device.type == "cpu" and not isinstance(hyper.lr, torch.Tensor):
+            counts.append(_foreach_sgd(group, state, hyper))
+            continue
         key = ("plain", str(group[0].device), group[0].dtype, tuple(id(p) for p in group))
         plan = workspace.plan(key, lambda pl, g=group: pl.valid(g), lambda g=group: _PlainPlan(g))
         skipped = _flat_sgd(group, state, hyper, plan)
         if skipped is not None:
             counts.append(skipped)
     return counts
+
+
+def _foreach_sgd(params, state, hyper: Hyper) -> int:
+    """torch's ``foreach`` SGD step on CPU parameters; returns how many were skipped (a
+    parameter with a NaN / inf gradient keeps its value, and a zero buffer on its first step,
+    as on the flat step)."""
+    if hyper.check:
+        finite = finite_flags([p.grad for p in params])
+        skipped = finite.count(False)
+        if skipped and hyper.momentum != 0:
+            for p, ok in zip(params, finite, strict=True):
+                if not ok and "momentum_buffer" not in state[p]:
+                    state[p]["momentum_buffer"] = torch.zeros_like(p)
+        params = [p for p, ok in zip(params, finite, strict=True) if ok]
+    else:
+        skipped = 0
+    if not params:
+        return skipped
+    bufs = [state[p].get("momentum_buffer") for p in params]
+    _torch_sgd(
+        params,
+        [p.grad for p in params],
+        bufs,
+        weight_decay=hyper.weight_decay,
+        momentum=hyper.momentum,
+        lr=hyper.lr,
+        dampening=hyper.dampening,
+        nesterov=hyper.nesterov,
+        maximize=hyper.maximize,
+        foreach=True,
+        has_sparse_grad=False,
+    )
+    if hyper.momentum != 0:
+        for p, buf in zip(params, bufs, strict=True):
+            state[p]["momentum_buffer"] = buf
+    return skipped
 
 
 def _momentum_scalar(momentum: float, like: torch.Tensor) -> float:

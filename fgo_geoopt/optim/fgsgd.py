@@ -341,7 +341,7 @@ def fgsgd(
         check_lr_device(hyper.lr, params)
     counts: list[int | torch.Tensor] = []
     if plain:
-        counts += plain_step(plain, state, hyper, workspace)
+        counts += plain_step(plain, state, hyper, workspace, flat=backend in ("torch", "triton"))
     chosen: dict[str, list[Layer]] = {"cpu": [], "gpu": [], "torch": []}
     for p in colls:
         which = backend_of(p, backend, workspace)
