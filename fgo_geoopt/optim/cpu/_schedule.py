@@ -36,7 +36,7 @@ def _parallel(tasks: list) -> list:
 
     The numba functions release the GIL (``nogil``), so plain Python threads run them in
     parallel; unlike numba's parallel regions this never competes with torch's OpenMP pool
-    for the cores (measured: a 5x slower step with the ``omp`` threading layer).
+    for the cores (docs/performance.md).
     """
     global _POOL
     if len(tasks) == 1:

@@ -3,7 +3,7 @@
 After every parallel torch op, torch's OpenMP workers keep spinning on their cores for
 milliseconds. Threads of our own would share those cores with them at half speed; the team's
 threads are the spinning workers themselves, so a layer's update runs on all cores at once
-(measured on 2 cores: 2.55 ms instead of 5.05 ms right after a torch op).
+(figures in docs/performance.md).
 
 Where torch runs on GNU OpenMP from its own ``libgomp`` (Linux wheels), ``GOMP_parallel`` of
 that library is called through ctypes with a numba ``cfunc`` that does thread ``t``'s share of a

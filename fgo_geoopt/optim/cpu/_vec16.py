@@ -5,11 +5,8 @@ into them, two loops over the lanes compute, and the results are transposed back
 those passes goes through memory. Here a group of 16 kernels goes from the stored weights,
 gradients and momentum to the stored results in one straight piece of code: the kernels are
 transposed into nine vectors of 16 lanes (``_lanes.load_kernels``), the whole step happens in
-registers, and the results are transposed back on the way out. On one thread a ``512x512x3x3``
-layer's update went from 1.6-1.8 to 0.9 ns per entry (``pio4``), and to 0.55-0.6 with the
-retraction from the Gram matrix (``_maths3x3._retract_gram``) and the float32 estimates below;
-in a resnet50 training step the 3x3 update went from about 11 to 4.2 ms
-(``benchmarks/fused_parts.py``).
+registers, and the results are transposed back on the way out (what it buys:
+docs/performance.md).
 
 The arithmetic is not written twice: the lane helpers of ``_maths3x3`` (the normal part, the
 Riemannian gradient, Eq. (7) for one-kernel POMs, the momentum step, the retraction, the
