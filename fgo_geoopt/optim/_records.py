@@ -30,8 +30,8 @@ class Hyper:
     adaptive: bool
     #: Skip (and count) POMs whose gradient has NaN / inf entries.
     check: bool
-    #: ``"unit"`` or ``"stored"`` (``FGSGD``'s ``metric``). The CPU backend gets the stored
-    #: metric's gradient in ``Layer.grad`` already; the flat backends apply it themselves.
+    #: ``"unit"`` or ``"stored"`` (``FGSGD``'s ``metric``), applied by every backend to
+    #: ``Layer.grad`` (``torch_step.stored_metric_grad``).
     metric: str = "unit"
 
 
@@ -39,9 +39,8 @@ class Hyper:
 class Layer:
     """One parameter on a :class:`~fgo_geoopt.KernelCollection`, ready to be stepped.
 
-    ``grad`` is the gradient the step reads: ``p.grad``, or, for the CPU backend, that of the
-    stored metric (``dL/dW / R^2`` on re-scaled collections; the flat backends take ``p.grad``
-    and apply ``Hyper.metric`` themselves). ``state`` is the parameter's optimizer state:
+    ``grad`` is ``p.grad``; a backend turns it into the gradient of ``Hyper.metric`` itself.
+    ``state`` is the parameter's optimizer state:
     its ``"momentum_buffer"`` (absent before the first step with momentum) is created and kept
     in the layout the backend chooses (``_state.set_layout``).
     """

@@ -344,13 +344,9 @@ def fgsgd(
         counts += plain_step(plain, state, hyper, workspace, flat=backend in ("torch", "triton"))
     chosen: dict[str, list[Layer]] = {"cpu": [], "gpu": [], "torch": []}
     for p in colls:
-        which = backend_of(p, backend, workspace)
-        grad = p.grad
-        if which == "cpu" and metric == "stored" and p.manifold.scale is not None:
-            grad = torch_step.stored_metric_grad(p.manifold, grad, workspace)
-        layer = Layer(param=p, coll=p.manifold, grad=grad, state=state[p],
+        layer = Layer(param=p, coll=p.manifold, grad=p.grad, state=state[p],
                       first="momentum_buffer" not in state[p])  # fmt: skip
-        chosen[which].append(layer)
+        chosen[backend_of(p, backend, workspace)].append(layer)
     for name, module in (("torch", torch_step), ("gpu", gpu)):
         if chosen[name]:
             counts += module.step(chosen[name], hyper, workspace)

@@ -46,7 +46,7 @@ def step(layers: list[Layer], hyper: Hyper, workspace: Workspace) -> list[torch.
         else:
             groups.setdefault((layer.param.device, layer.param.dtype), []).append(layer)
     counts = [flat_step(group, hyper, workspace) for group in groups.values()]
-    counts += [_layer_step(layer, hyper, workspace) for layer in others]
+    counts += [layer_step(layer, hyper, workspace) for layer in others]
     return [c for c in counts if c is not None]
 
 
@@ -175,8 +175,12 @@ def stored_metric_grad(coll: KernelCollection, grad: torch.Tensor, workspace: Wo
     return grad * factor
 
 
-def _layer_step(layer: Layer, hyper: Hyper, workspace: Workspace) -> torch.Tensor | None:
-    """A layer on registered manifolds: the per-layer batched step."""
+def layer_step(
+    layer: Layer, hyper: Hyper, workspace: Workspace, only_above: float | None = None
+) -> torch.Tensor | None:
+    """The per-layer batched step (layers on registered manifolds); returns the skipped count
+    where it was checked. ``only_above``: see :func:`batched_collection_step` (the CPU
+    backend's re-step of POMs its float32 kernels could not square)."""
     p, coll = layer.param, layer.coll
     grad = layer.grad
     if hyper.metric == "stored" and coll.scale is not None:
@@ -204,8 +208,9 @@ def _layer_step(layer: Layer, hyper: Hyper, workspace: Workspace) -> torch.Tenso
         first=layer.first,
         check=hyper.check,
         per_type=indices,
+        only_above=only_above,
     )
-    return skipped if hyper.check else None
+    return skipped if hyper.check or only_above is not None else None
 
 
 def batched_collection_step(

@@ -32,7 +32,7 @@ import torch
 
 from .. import torch_step
 from .._records import Hyper, Layer
-from .._state import Workspace, momentum_buffer, set_layout
+from .._state import Workspace, momentum_buffer
 from ._flags import AVAILABLE
 from ._layout import TILE
 
@@ -94,7 +94,10 @@ def step(layers: list[Layer], hyper: Hyper, workspace: Workspace) -> int:
             tiles = TILE if plan.path == "3x3" else None
             buf = momentum_buffer(layer.state, p, (k, n), tiles)
         x = p if p.is_contiguous() else p.contiguous()
-        g = layer.grad if layer.grad.is_contiguous() else layer.grad.contiguous()
+        g = layer.grad
+        if hyper.metric == "stored" and coll.scale is not None:
+            g = torch_step.stored_metric_grad(coll, g, workspace)
+        g = g if g.is_contiguous() else g.contiguous()
         jobs.append(
             FusedJob(
                 coll,
@@ -115,47 +118,24 @@ def step(layers: list[Layer], hyper: Hyper, workspace: Workspace) -> int:
     for p, x in copies:
         p.copy_(x)
     if skipped and hyper.check:
-        skipped -= _step_overflowed(layers, hyper)
+        skipped -= _step_overflowed(layers, hyper, workspace)
     return skipped
 
 
-def _step_overflowed(layers: list[Layer], hyper: Hyper) -> int:
+def _step_overflowed(layers: list[Layer], hyper: Hyper, workspace: Workspace) -> int:
     """Step the POMs that the float32 kernels skipped although their gradient is finite.
 
     The kernels square float32 entries in float32, so a POM with an entry above about 1e19 has
     a non-finite squared norm there and is skipped, weights and buffer untouched. "Non-finite"
     means NaN / inf entries only, on every backend: after a step that skipped any POM (rare),
-    the batched torch step, which sums the squares in float64, steps exactly the POMs whose
-    finite squared norm is beyond float32's range. Returns how many it stepped.
+    the torch backend's per-layer step, which sums the squares in float64, steps exactly the
+    POMs whose finite squared norm is beyond float32's range (their buffers leave the tile
+    layout; the next fused step converts them back). Returns how many it stepped.
     """
     stepped = 0
     for layer in layers:
-        p, coll = layer.param, layer.coll
-        if p.dtype != torch.float32:
+        if layer.param.dtype != torch.float32:
             continue  # float64 squares overflow only above 1e154, on both backends alike
-        st = layer.state
-        tiles = st.get("momentum_tiles")
-        if tiles is not None:
-            set_layout(st, None)  # the torch step reads the (K, n) layout
-        try:
-            count = torch_step.batched_collection_step(
-                coll,
-                p,
-                layer.grad,
-                st.get("momentum_buffer") if hyper.momentum != 0 else None,
-                lr=hyper.lr,
-                momentum=hyper.momentum,
-                dampening=hyper.dampening,
-                nesterov=hyper.nesterov,
-                maximize=hyper.maximize,
-                weight_decay=hyper.weight_decay,
-                adaptive=hyper.adaptive,
-                first=layer.first,
-                check=True,
-                only_above=_F32_SQUARE_LIMIT,
-            )
-        finally:
-            if tiles is not None:
-                set_layout(st, tiles)
-        stepped += coll.num_poms - int(count)
+        count = torch_step.layer_step(layer, hyper, workspace, only_above=_F32_SQUARE_LIMIT)
+        stepped += layer.coll.num_poms - int(count)
     return stepped
