@@ -48,6 +48,21 @@ def check_number(
         raise ValueError(f"Invalid {name}: {value} (expected {bound})")
 
 
+def _validate_shared(group: dict[str, Any]) -> None:
+    """The keys FGSGD and FGAdam groups share: ``nonfinite``, ``metric``, ``stabilize``."""
+    if group["nonfinite"] not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {group['nonfinite']!r}"
+        )
+    if group["metric"] not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {group['metric']!r}")
+    stabilize = group.get("stabilize")
+    if stabilize is not None and (
+        isinstance(stabilize, bool) or not isinstance(stabilize, int) or stabilize < 1
+    ):
+        raise ValueError(f"stabilize must be None or a positive int, got {stabilize!r}")
+
+
 def validate(group: dict[str, Any]) -> None:
     capturable = group.get("capturable", False)
     if not isinstance(capturable, bool):
@@ -67,19 +82,10 @@ def validate(group: dict[str, Any]) -> None:
             raise ValueError(f"{key} must be a bool, got {group[key]!r}")
     if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
         raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
-    if group["nonfinite"] not in NONFINITE_POLICIES:
-        raise ValueError(
-            f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {group['nonfinite']!r}"
-        )
-    if group["metric"] not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {group['metric']!r}")
+    _validate_shared(group)
     if group["backend"] not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {group['backend']!r}")
     stabilize = group.get("stabilize")
-    if stabilize is not None and (
-        isinstance(stabilize, bool) or not isinstance(stabilize, int) or stabilize < 1
-    ):
-        raise ValueError(f"stabilize must be None or a positive int, got {stabilize!r}")
     if capturable and (group["nonfinite"] == "raise" or stabilize is not None):
         raise ValueError(
             "capturable=True steps without reading the device: nonfinite='raise' (which "
@@ -195,17 +201,7 @@ def validate_adam(group: dict[str, Any]) -> None:
         raise ValueError(
             f"moment must be one of {', '.join(ADAM_MOMENTS)}, got {group['moment']!r}"
         )
-    if group["nonfinite"] not in NONFINITE_POLICIES:
-        raise ValueError(
-            f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {group['nonfinite']!r}"
-        )
-    if group["metric"] not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {group['metric']!r}")
-    stabilize = group.get("stabilize")
-    if stabilize is not None and (
-        isinstance(stabilize, bool) or not isinstance(stabilize, int) or stabilize < 1
-    ):
-        raise ValueError(f"stabilize must be None or a positive int, got {stabilize!r}")
+    _validate_shared(group)
 
 
 def check_adam_state(groups: list[dict[str, Any]], state_dict: dict[str, Any]) -> None:
