@@ -8,7 +8,12 @@ Run ``python benchmarks/adam_step.py --help``. One run builds a timm model (defa
 2. :class:`fgo_geoopt.FGAdam` on the model wrapped with a preset (default ``pio4``);
 3. ``geoopt.optim.RiemannianAdam`` with one ``geoopt.Sphere`` per output filter (conv weights
    viewed as ``(c_out, c_in * k_h * k_w)`` and normalised; everything else plain), the peer
-   baseline. Such parameters cannot run the conv's forward pass: only the step is timed.
+   baseline. Such parameters cannot run the conv's forward pass: only the step is timed;
+4. with ``--torch-backend`` only: FGAdam with ``backend="torch"`` (the batched torch step) on
+   the same wrapped model, for comparison (FGAdam's own row is ``backend="auto"``, the fused
+   numba step on a CPU). Off by default: with two threads its many small torch ops leave
+   torch's OpenMP workers spinning, which slows the AdamW step timed after it and flatters the
+   ratios.
 
 Steps are interleaved (each round times one step of every optimizer, in a rotating order) and
 the medians over the rounds after warm-up are reported, with the ratios to AdamW's step and
@@ -98,11 +103,17 @@ def build(args: argparse.Namespace) -> dict[str, tuple[torch.optim.Optimizer, li
             spheres,
         ),
     }
+    if args.torch_backend:
+        cases[f"FGAdam {args.preset}, backend='torch'"] = (
+            fgo_geoopt.FGAdam(wrapped, lr=args.lr, weight_decay=wd, backend="torch"),
+            wrapped,
+        )
     out = {}
     for name, (opt, params) in cases.items():
         pairs = []
         for p, g in zip(params, grads, strict=True):
-            p.grad = torch.empty_like(p)
+            if p.grad is None:  # the two FGAdam cases share the wrapped model's parameters
+                p.grad = torch.empty_like(p)
             pairs.append((p.grad, g.reshape(p.shape)))
         out[name] = (opt, pairs)
     return out
@@ -164,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--malloc", choices=("keep", "default"), default="keep")
     parser.add_argument("--json", default="", metavar="PATH", help="also write the samples here")
+    parser.add_argument(
+        "--torch-backend", action="store_true", help="also time FGAdam with backend='torch'"
+    )
     parser.add_argument("--no-strict", action="store_true", help="exit 0 even if a target fails")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.repeats < 1 or args.warmup < 1:

@@ -15,7 +15,16 @@ from hypothesis import strategies as st
 
 from fgo_geoopt import FGAdam, build_collection
 from fgo_geoopt.collections import KernelCollection
+from fgo_geoopt.optim import cpu
 from fgo_geoopt.optim.reference_adam import reference_adam_step
+
+# Both backends of collection parameters; the fused one needs numba.
+BACKENDS = [
+    "torch",
+    pytest.param(
+        "fused", marks=pytest.mark.skipif(not cpu.AVAILABLE, reason="numba is not importable")
+    ),
+]
 
 # Strategies (default manifolds Sp+Ob+St), the Table 3 presets and Sp / Ob / Euc mixes.
 GROUPINGS = (
@@ -116,7 +125,7 @@ REF_CONFIGS = {
 
 
 def _run_against_reference(
-    grouping, manifolds, config, *, steps, dtype=torch.float64, device="cpu"
+    grouping, manifolds, config, *, steps, dtype=torch.float64, device="cpu", backend="auto"
 ):
     """Step FGAdam and reference_adam.py on the same gradients; return the worst errors of the
     weights, the first moments and the second moments (relative)."""
@@ -129,7 +138,7 @@ def _run_against_reference(
     params = [
         geoopt.ManifoldParameter(p.detach().to(device, dtype), manifold=p.manifold) for p in start
     ]
-    opt = FGAdam(params, **hyper)
+    opt = FGAdam(params, backend=backend, **hyper)
     ref_w = [p.detach().clone() for p in start]
     ref_s: list = [None] * len(start)
     gen = torch.Generator().manual_seed(123)
@@ -156,18 +165,22 @@ def _run_against_reference(
     return worst
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("config", list(REF_CONFIGS), ids=str)
 @pytest.mark.parametrize(("grouping", "manifolds"), GROUPINGS, ids=GROUPING_IDS)
-def test_batched_step_matches_reference_float64(grouping, manifolds, config):
-    worst = _run_against_reference(grouping, manifolds, REF_CONFIGS[config], steps=8)
+def test_step_matches_reference_float64(grouping, manifolds, config, backend):
+    worst = _run_against_reference(
+        grouping, manifolds, REF_CONFIGS[config], steps=8, backend=backend
+    )
     assert max(worst.values()) < 1e-10, worst
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("config", ["adam", "amsgrad-maximize-rescaled", "kernel-moment-wd"])
 @pytest.mark.parametrize("grouping", ["st", "pio3", "pio4"])
-def test_batched_step_matches_reference_float32(grouping, config):
+def test_step_matches_reference_float32(grouping, config, backend):
     worst = _run_against_reference(
-        grouping, None, REF_CONFIGS[config], steps=8, dtype=torch.float32
+        grouping, None, REF_CONFIGS[config], steps=8, dtype=torch.float32, backend=backend
     )
     assert max(worst.values()) < 1e-5, worst
 
@@ -237,11 +250,11 @@ def test_kernel_moment_has_one_scalar_per_kernel():
 
 
 def test_first_moment_layouts_and_stabilize():
-    """Gathered layers keep the first moment in the step's blocks; exp_avg() converts it, and
-    stabilize() projects it in either layout."""
+    """The torch backend keeps the first moment of gathered layers in the step's blocks;
+    exp_avg() converts it, and stabilize() projects it in either layout."""
     gathered = _manifold_param((6, 4, 3, 3), "pio4", seed=1, dtype=torch.float32)
     rows = _manifold_param((6, 4, 1, 1), "pio4", seed=2, dtype=torch.float32)
-    opt = FGAdam([gathered, rows], lr=0.05, stabilize=2)
+    opt = FGAdam([gathered, rows], lr=0.05, stabilize=2, backend="torch")
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         for p in (gathered, rows):
@@ -259,6 +272,105 @@ def test_first_moment_layouts_and_stabilize():
         assert not _violations(p, atol=1e-5)
         m = opt.exp_avg(p)
         torch.testing.assert_close(m, p.manifold.unit_proju(p.detach(), m), rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not cpu.AVAILABLE, reason="numba is not importable")
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_switching_backends_mid_run_keeps_the_run(amsgrad):
+    """Steps alternating between the backends (the first moment changes layout each time, a
+    state dict is saved and loaded in between) land where the torch backend alone lands."""
+    shapes = ((6, 4, 3, 3), (5, 3, 1, 7), (6, 4, 1, 1))
+    one = [_manifold_param(s, "pio4", seed=i, scaled=True) for i, s in enumerate(shapes)]
+    two = [geoopt.ManifoldParameter(p.detach().clone(), manifold=p.manifold) for p in one]
+    kwargs = {"lr": 0.05, "weight_decay": 0.1, "amsgrad": amsgrad}
+    alone = FGAdam(one, backend="torch", **kwargs)
+    gen = torch.Generator().manual_seed(5)
+    state = None
+    for backend in ("fused", "torch", "fused", "fused", "torch", "fused"):
+        mixed = FGAdam(two, backend=backend, **kwargs)
+        if state is not None:
+            mixed.load_state_dict(state)
+            assert mixed.param_groups[0]["backend"] == backend
+        for _ in range(2):
+            grads = [_kernel_grad(p.manifold, gen) for p in one]
+            for a, b, g in zip(one, two, grads, strict=True):
+                a.grad, b.grad = g.clone(), g.clone()
+            alone.step()
+            mixed.step()
+        state = copy.deepcopy(mixed.state_dict())
+        for a, b in zip(one, two, strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+            torch.testing.assert_close(mixed.exp_avg(b), alone.exp_avg(a), rtol=0, atol=1e-12)
+            for key in ("exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg_sq",):
+                torch.testing.assert_close(
+                    mixed.state[b][key], alone.state[a][key], rtol=1e-12, atol=0
+                )
+
+
+@pytest.mark.skipif(not cpu.AVAILABLE, reason="numba is not importable")
+@pytest.mark.parametrize(
+    ("shape", "grouping"),
+    [
+        ((40, 16, 3, 3), "pio4"),
+        ((40, 20, 3, 3), "single"),
+        ((40, 16, 7, 7), "pio3"),
+        ((300, 4), "pio4"),
+    ],
+)
+def test_fused_pieces_add_up_to_the_whole_step(shape, grouping):
+    """The threads' pieces (ranges of kernels, or of chunks of lanes) of every phase, run in
+    any order, give the step of one piece bit for bit; layers of several chunks."""
+    from fgo_geoopt.optim import adam_step
+    from fgo_geoopt.optim.cpu._adam_jobs import AdamJob, adam_plan
+
+    p = _manifold_param(shape, grouping, seed=4, dtype=torch.float32, scaled=True)
+    coll = p.manifold
+    plan = adam_plan(coll)
+    assert plan.rows or len(plan.chunk_block) > 3  # several chunks to share out
+    hyper = adam_step.AdamHyper(0.05, 0.9, 0.99, 1e-8, 0.1, True, False, "pom", "stored", True)
+    gen = torch.Generator().manual_seed(0)
+    k, n = coll.num_kernels, coll.kernel_numel
+    grad = _kernel_grad(coll, gen).to(torch.float32).view(k, n)
+    grad[3, 0] = float("nan")  # one POM skipped
+    results = []
+    for parts in (1, 3, 5):
+        x = p.detach().clone().view(k, n)
+        m = _randn(k, n, gen=torch.Generator().manual_seed(1), dtype=torch.float32)
+        v = torch.rand(coll.num_poms, generator=torch.Generator().manual_seed(2))
+        vmax = v.clone()
+        job = AdamJob(
+            coll, plan, x.numpy(), grad.numpy(), m.numpy(), v.numpy(), vmax.numpy(), hyper, 3.0
+        )
+        skipped = 0
+        for phase in job.phases:
+            pieces = list(range(parts if phase.split else 1))
+            for c in reversed(pieces):
+                skipped += phase.run(c, len(pieces))
+        results.append((x, m, v, vmax, skipped))
+    for x, m, v, vmax, skipped in results[1:]:
+        assert skipped == results[0][4] == 1
+        for a, b in zip((x, m, v, vmax), results[0][:4], strict=True):
+            assert torch.equal(a, b)
+
+
+def test_fused_backend_refuses_what_it_cannot_step(monkeypatch):
+    import importlib
+
+    dispatch = importlib.import_module("fgo_geoopt.optim._dispatch")
+    monkeypatch.setattr(dispatch, "_FALLBACK_WARNED", set())
+    p = _manifold_param((4, 3, 3, 3), "pio4", dtype=torch.bfloat16)
+    p.grad = torch.randn_like(p)
+    if not cpu.AVAILABLE:
+        with pytest.raises(ValueError, match="backend='fused' needs numba"):
+            FGAdam([p], backend="fused")
+        return
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=r"backend='fused' cannot step a torch\.bfloat16"):
+        FGAdam([p], backend="fused").step()
+    assert torch.equal(p, before)
+    with pytest.warns(UserWarning, match="batched torch ops.*not torch.bfloat16"):
+        FGAdam([p]).step()  # "auto" says that it falls back
+    assert not torch.equal(p, before)
 
 
 def test_weight_decay_only_touches_euclidean_kernels_and_plain_parameters():
@@ -295,12 +407,13 @@ def test_weight_decay_only_touches_euclidean_kernels_and_plain_parameters():
     moment=st.sampled_from(["pom", "kernel"]),
     grad_scale=st.sampled_from([1e-6, 1.0, 1e4]),
     scaled=st.booleans(),
+    backend=st.sampled_from(["torch", "fused"] if cpu.AVAILABLE else ["torch"]),
 )
 def test_every_step_stays_on_the_manifold(
-    layer, grouping, seed, lr, amsgrad, moment, grad_scale, scaled
+    layer, grouping, seed, lr, amsgrad, moment, grad_scale, scaled, backend
 ):
     p = _manifold_param(layer, grouping, seed=seed, dtype=torch.float32, scaled=scaled)
-    opt = FGAdam([p], lr=lr, amsgrad=amsgrad, moment=moment)
+    opt = FGAdam([p], lr=lr, amsgrad=amsgrad, moment=moment, backend=backend)
     gen = torch.Generator().manual_seed(seed)
     grads = grad_scale * _randn(60, *layer, gen=gen, dtype=torch.float32)
     for step in range(60):
@@ -616,6 +729,7 @@ INVALID_ARGS = [
     ({"nonfinite": "ignore"}, r"nonfinite must be one of skip, raise, none"),
     ({"metric": "euclid"}, r"metric must be one of unit, stored"),
     ({"stabilize": 0}, r"stabilize must be None or a positive int, got 0"),
+    ({"backend": "triton"}, r"backend must be one of auto, fused, torch, got 'triton'"),
 ]
 
 
@@ -741,6 +855,7 @@ def test_adam_benchmark_runs_end_to_end(tmp_path, capsys):
     spec.loader.exec_module(bench)
     out = tmp_path / "samples.json"
     argv = ["--model", "test_resnet", "--repeats", "2", "--warmup", "1", "--no-strict"]
+    argv += ["--torch-backend"]
     threads = torch.get_num_threads()
     try:
         assert bench.main([*argv, "--malloc", "default", "--json", str(out)]) == 0
@@ -749,4 +864,4 @@ def test_adam_benchmark_runs_end_to_end(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "target FGAdam <= 3x AdamW(foreach)" in text and "RiemannianAdam" in text
     samples = json.loads(out.read_text())["samples_ms"]
-    assert len(samples) == 3 and all(len(s) == 2 and min(s) > 0 for s in samples.values())
+    assert len(samples) == 4 and all(len(s) == 2 and min(s) > 0 for s in samples.values())

@@ -15,6 +15,7 @@ import torch
 from ..collections import KernelCollection
 
 __all__ = [
+    "ADAM_BACKENDS",
     "BACKENDS",
     "METRICS",
     "NONFINITE_POLICIES",
@@ -28,6 +29,8 @@ __all__ = [
 
 NONFINITE_POLICIES = ("skip", "raise", "none")
 BACKENDS = ("auto", "fused", "torch", "triton")
+#: FGAdam's backends: no Triton kernels (on CUDA ``"auto"`` takes the batched torch step).
+ADAM_BACKENDS = ("auto", "fused", "torch")
 #: Metrics of the step on re-scaled collections (see ``FGSGD``).
 METRICS = ("unit", "stored")
 
@@ -197,6 +200,10 @@ def validate_adam(group: dict[str, Any]) -> None:
     for key in ("amsgrad", "maximize"):
         if not isinstance(group[key], bool):
             raise ValueError(f"{key} must be a bool, got {group[key]!r}")
+    if group["backend"] not in ADAM_BACKENDS:
+        raise ValueError(
+            f"backend must be one of {', '.join(ADAM_BACKENDS)}, got {group['backend']!r}"
+        )
     if group["moment"] not in ADAM_MOMENTS:
         raise ValueError(
             f"moment must be one of {', '.join(ADAM_MOMENTS)}, got {group['moment']!r}"

@@ -44,7 +44,7 @@ def _warn_fallback_once(reason: str) -> None:
         return
     _FALLBACK_WARNED.add(reason)
     warnings.warn(
-        f"FG-SGD steps CPU collections with the batched torch ops (much slower than the fused "
+        f"fgo_geoopt steps CPU collections with the batched torch ops (much slower than the fused "
         f"step): {reason}. backend='torch' says so explicitly and silences this.",
         UserWarning,
         stacklevel=5,

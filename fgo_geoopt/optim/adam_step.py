@@ -219,6 +219,15 @@ def set_layout(st: dict[str, Any], plan) -> None:
     st[BLOCKS] = 1
 
 
+def set_kernel_major(st: dict[str, Any], coll: KernelCollection, workspace: Workspace) -> None:
+    """Convert the first moment in ``st`` in place to the ``(K, n)`` kernel-major layout (the
+    fused CPU step's), where it is kept in blocks."""
+    if st.get(BLOCKS, 0):
+        m = st["exp_avg"]
+        m.copy_(from_blocks(plan_of(coll, m, workspace), m))
+        st[BLOCKS] = 0
+
+
 def to_blocks(plan: _Gathered, m: torch.Tensor) -> torch.Tensor:
     """The ``(K, n)`` kernel-major first moment in ``plan``'s blocks (same shape, a copy)."""
     out = torch.empty_like(m)

@@ -16,7 +16,7 @@ from geoopt.optim import RiemannianAdam
 from torch.optim.adamw import adamw as _torch_adamw
 
 from ..collections import KernelCollection
-from . import adam_step
+from . import adam_step, cpu
 from ._checks import (
     NONFINITE_POLICIES,
     TORCH_ADAM_KEYS,
@@ -25,13 +25,20 @@ from ._checks import (
     raise_if_nonfinite,
     validate_adam,
 )
+from ._dispatch import backend_of
 from ._plain import split_params
 from ._records import Layer
 from ._state import Workspace
 
 __all__ = ["NONFINITE_POLICIES", "FGAdam", "fgadam"]
 
-_FG_DEFAULTS = {"maximize": False, "moment": "pom", "nonfinite": "skip", "metric": "unit"}
+_FG_DEFAULTS = {
+    "maximize": False,
+    "moment": "pom",
+    "nonfinite": "skip",
+    "metric": "unit",
+    "backend": "auto",
+}
 
 
 class FGAdam(RiemannianAdam):
@@ -78,6 +85,11 @@ class FGAdam(RiemannianAdam):
             entry, as under AdamW).
         stabilize: Re-project parameters and first moments onto their manifolds every this
             many steps (``None``: never).
+        backend: ``"auto"`` (the fused numba step for float32 / float64 CPU collections of the
+            built-in manifolds, the batched torch step for everything else), ``"fused"``
+            (require the fused step: ``ValueError`` where it cannot run) or ``"torch"`` (the
+            batched torch step everywhere). Both compute the same step. Not restored by
+            :meth:`load_state_dict`: it says how this process runs, not what the run is.
 
     Note:
         ``step()`` never writes into ``p.grad``.
@@ -97,6 +109,7 @@ class FGAdam(RiemannianAdam):
         nonfinite: str = "skip",
         metric: str = "unit",
         stabilize: int | None = None,
+        backend: str = "auto",
     ):
         defaults = {
             "lr": lr,
@@ -109,8 +122,11 @@ class FGAdam(RiemannianAdam):
             "nonfinite": nonfinite,
             "metric": metric,
             "stabilize": stabilize,
+            "backend": backend,
         }
         validate_adam(defaults)
+        if backend == "fused" and not cpu.AVAILABLE:
+            raise ValueError("backend='fused' needs numba, which is not importable here")
         self._fg_defaults = {k: defaults[k] for k in _FG_DEFAULTS}
         self._stabilize = stabilize
         self.nonfinite_count = 0
@@ -165,7 +181,10 @@ class FGAdam(RiemannianAdam):
         check_adam_state(self.param_groups, state_dict)
         state_dict = dict(state_dict)
         count = state_dict.pop("nonfinite_count", 0)
+        backends = [group["backend"] for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, backend in zip(self.param_groups, backends, strict=True):
+            group["backend"] = backend  # how this process runs the step (see __init__)
         self.nonfinite_count = int(count)
 
     @torch.no_grad()
@@ -196,6 +215,7 @@ class FGAdam(RiemannianAdam):
                 moment=group["moment"],
                 nonfinite="none" if group["nonfinite"] == "raise" else group["nonfinite"],
                 metric=group["metric"],
+                backend=group["backend"],
                 workspace=self._workspace,
             )
             if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
@@ -256,13 +276,15 @@ def fgadam(
     moment: str = "pom",
     nonfinite: str = "skip",
     metric: str = "unit",
+    backend: str = "auto",
     workspace: Workspace | None = None,
 ) -> int:
     """Functional FG-Adam step over ``params`` (all with gradients); returns the skipped count.
 
     Plain parameters take ``torch.optim.adamw.adamw(..., foreach=True)``; collection parameters
-    take the batched step of :mod:`.adam_step`; parameters on other geoopt manifolds take the
-    same step with the whole tensor as one POM.
+    take the fused CPU step (``cpu.adam_step``) or the batched step of :mod:`.adam_step`, as
+    ``backend`` and the parameter allow (see :class:`FGAdam`); parameters on other geoopt
+    manifolds take the same step with the whole tensor as one POM.
     """
     workspace = _FUNCTIONAL_WORKSPACE if workspace is None else workspace
     hyper = adam_step.AdamHyper(
@@ -284,10 +306,15 @@ def fgadam(
     if plain:
         skipped = skipped + _plain_step(plain, state, hyper)
     if colls:
-        layers = [
-            Layer(param=p, coll=p.manifold, grad=p.grad, state=state[p], first=False) for p in colls
-        ]
-        skipped = skipped + adam_step.step(layers, hyper, workspace)
+        fused, batched = [], []
+        for p in colls:
+            layer = Layer(param=p, coll=p.manifold, grad=p.grad, state=state[p], first=False)
+            on_cpu = backend != "torch" and backend_of(p, backend, workspace) == "cpu"
+            (fused if on_cpu else batched).append(layer)
+        if fused:
+            skipped = skipped + cpu.adam_step(fused, hyper, workspace)
+        if batched:
+            skipped = skipped + adam_step.step(batched, hyper, workspace)
     for p in other:
         skipped = skipped + _generic_step(p, state[p], hyper)
     return int(skipped)

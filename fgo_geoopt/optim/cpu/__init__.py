@@ -1,9 +1,12 @@
-"""The fused CPU backend of FG-SGD: numba loops that read and write every kernel once per step.
+"""The fused CPU backend of FG-SGD (and FG-Adam): numba loops that read and write every kernel
+once per step.
 
-Two entry points, nothing else is used from outside:
+The entry points, nothing else is used from outside:
 
 * :func:`accepts` - can this backend step this parameter (on this collection)?
 * :func:`step` - step these layers (``_records.Layer``) with these settings (``Hyper``).
+* :func:`adam_step` - FG-Adam's step of these layers (``adam_step.AdamHyper``), on the same
+  threads (``_schedule``) and manifold codes (``_plan``), with its own kernels (``_adam``).
 
 Inside, imports run one way, from the top down:
 
@@ -12,6 +15,7 @@ Inside, imports run one way, from the top down:
     __init__      the entry points
     _schedule     threads: runs the layers' phases together (pool, or torch's OpenMP _team)
     _jobs         one layer's step as phases; _plan: per-collection constants, manifold codes
+    _adam_jobs    FG-Adam: one layer's step as phases, over the kernels of _adam
     _tiles3x3 / _columns / _soa / _aos    the kernel paths (by kernel shape)
     _vec16 / _lanes / _maths3x3           vector-register code and shared maths
     _flags / _layout / _numba_cache       codes, flag bits, records, tile size, cache stamp
@@ -30,6 +34,7 @@ from typing import Any
 
 import torch
 
+from .. import adam_step as batched
 from .. import torch_step
 from .._records import Hyper, Layer
 from .._state import Workspace, momentum_buffer
@@ -37,11 +42,12 @@ from ._flags import AVAILABLE
 from ._layout import TILE
 
 if AVAILABLE:  # the kernels; without numba the batched torch step takes every layer
+    from ._adam_jobs import AdamJob, adam_plan
     from ._jobs import FusedJob
     from ._plan import build_plan, codes_of
     from ._schedule import run_jobs
 
-__all__ = ["AVAILABLE", "accepts", "reason_refused", "step"]
+__all__ = ["AVAILABLE", "accepts", "adam_step", "reason_refused", "step"]
 
 _DTYPES = (torch.float32, torch.float64)
 #: Squared POM norms from here up may overflow the float32 sums of the kernels (a margin of
@@ -139,3 +145,49 @@ def _step_overflowed(layers: list[Layer], hyper: Hyper, workspace: Workspace) ->
         count = torch_step.layer_step(layer, hyper, workspace, only_above=_F32_SQUARE_LIMIT)
         stepped += layer.coll.num_poms - int(count)
     return stepped
+
+
+def adam_step(layers: list[Layer], hyper: Any, workspace: Workspace) -> int:
+    """One FG-Adam step of every layer (all accepted), together; returns the skipped POMs.
+
+    ``hyper`` is an ``adam_step.AdamHyper``. The moments are created (zeros) where missing;
+    a first moment kept in the torch backend's blocks (``adam_step.BLOCKS``) returns to the
+    ``(K, n)`` kernel-major layout this backend steps in.
+    """
+    jobs, copies = [], []
+    for layer in layers:
+        p, coll, st = layer.param, layer.coll, layer.state
+        batched.init_state(st, p, coll, hyper)
+        st["step"] += 1
+        batched.set_kernel_major(st, coll, workspace)
+        cache = workspace.of(coll)
+        plan = cache.get("cpu adam plan")
+        if plan is None:
+            plan = cache["cpu adam plan"] = adam_plan(coll)
+        k, n = coll.num_kernels, coll.kernel_numel
+        x = p if p.is_contiguous() else p.contiguous()
+        g = layer.grad
+        g = g if g.is_contiguous() else g.contiguous()
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if key in st and not st[key].is_contiguous():
+                st[key] = st[key].contiguous()
+        vmax = st["max_exp_avg_sq"].numpy() if hyper.amsgrad else None
+        jobs.append(
+            AdamJob(
+                coll,
+                plan,
+                x.detach().view(k, n).numpy(),
+                g.detach().view(k, n).numpy(),
+                st["exp_avg"].view(k, n).numpy(),
+                st["exp_avg_sq"].numpy(),
+                vmax,
+                hyper,
+                float(st["step"]),
+            )
+        )
+        if x is not p:
+            copies.append((p, x))
+    skipped = run_jobs(jobs)
+    for p, x in copies:
+        p.copy_(x)
+    return skipped

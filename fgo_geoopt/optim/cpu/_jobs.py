@@ -38,7 +38,7 @@ from ._layout import TILE
 from ._plan import Plan
 from ._soa import soa_chunk
 
-__all__ = ["EXACT_STATE", "EXACT_STEPS", "FusedJob", "Phase"]
+__all__ = ["EXACT_STATE", "EXACT_STEPS", "FusedJob", "Phase", "split_bounds"]
 
 #: Steps that skip the gradient bounds of a layer after they settled less than half its POMs.
 EXACT_STEPS = 16
@@ -82,7 +82,7 @@ def _kernel_scales(coll: Any, cache: dict[str, Any], dtype: np.dtype) -> np.ndar
     return out
 
 
-def _split_bounds(n: int, part: int, parts: int, align: int = 16) -> tuple[int, int]:
+def split_bounds(n: int, part: int, parts: int, align: int = 16) -> tuple[int, int]:
     """Share ``part`` of ``range(n)`` cut in ``parts``; cuts on multiples of ``align`` so that
     two threads never write into the same cache line."""
 
@@ -304,14 +304,14 @@ class _InOrder:
         return desc, skipped
 
     def update(self, c, parts):
-        k0, k1 = _split_bounds(self.num_k, c, parts, self.align)
+        k0, k1 = split_bounds(self.num_k, c, parts, self.align)
         args = (self.x, self.g, self.m, self.s, self.kpr, self.kidx, self.tcode, self.pfac)
         flags = self.flags | (FLAG_UNIT if self.factors_are_one() else 0)
         skipped = self.module.pass2(*args, k0, k1, self.hp, flags)
         return 0 if self.coupled else skipped  # coupled: counted per POM by ``factors``
 
     def bounds(self, c, parts):
-        k0, k1 = _split_bounds(self.num_k, c, parts, self.align)
+        k0, k1 = split_bounds(self.num_k, c, parts, self.align)
         args = (self.x, self.g, self.s, self.kpr, self.scaled, self.kidx, self.tcode)
         self.bounds_fn(*args, k0, k1, self.hp, self.sums["bounds"][c])
         return 0
@@ -327,7 +327,7 @@ class _InOrder:
         return skipped
 
     def norms(self, c, parts):
-        k0, k1 = _split_bounds(self.num_k, c, parts, self.align)
+        k0, k1 = split_bounds(self.num_k, c, parts, self.align)
         args = (self.x, self.g, self.s, self.kpr, self.scaled, self.kidx, self.tcode, self.need)
         self.module.pass1(*args, k0, k1, self.hp, self.sums["exact"][c])
         return 0

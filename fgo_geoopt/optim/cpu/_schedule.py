@@ -1,11 +1,12 @@
 """Runs the fused steps of a parameter group's layers together: the threads, and the order.
 
-``run_jobs`` takes one ``FusedJob`` per layer and runs their phases in lock-step (phase ``i`` of
-every job before phase ``i + 1`` of any), sharing each split phase out to threads: on torch's
-own OpenMP team where torch runs on GNU OpenMP (``_team``), else on a Python thread pool whose
-threads pull pieces of about ``PIECE_NUMEL`` entries from a queue (the numba functions release
-the GIL). This is the top of the package: it imports ``_jobs`` (and ``_team`` on first use),
-nothing imports it but the package's entry points.
+``run_jobs`` takes one job per layer (``FusedJob``, or FG-Adam's ``AdamJob``) and runs their
+phases in lock-step (phase ``i`` of every job before phase ``i + 1`` of any), sharing each
+split phase out to threads: on torch's own OpenMP team where torch runs on GNU OpenMP
+(``_team``; FG-SGD's memory-order paths only), else on a Python thread pool whose threads pull
+pieces of about ``PIECE_NUMEL`` entries from a queue (the numba functions release the GIL).
+This is the top of the package: it imports ``_jobs`` (and ``_team`` on first use), nothing
+imports it but the package's entry points.
 
 A forked child re-creates the pool and never uses the team (``_after_fork_in_child``).
 """
