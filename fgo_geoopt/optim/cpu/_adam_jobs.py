@@ -138,7 +138,7 @@ class AdamJob:
         ]
 
     def prepare(self, parts: int) -> None:
-        """Nothing to prepare: pieces are ranges of kernels."""
+        """Nothing to prepare: a piece is a range of kernels (or of chunks of lanes)."""
 
     def release(self) -> None:
         """Drop this step's arrays (the gradient above all)."""
