@@ -13,6 +13,9 @@ same initial weights and the same fixed (seeded) gradients for every optimizer:
 7. on CUDA (or with ``--launches``), the device kernels launched by one step for two POM
    counts of the same model, to check that launches do not grow with the number of POMs.
 
+FG-Adam's rows (``FGAdam`` against ``torch.optim.AdamW(foreach=True)`` and geoopt's
+RiemannianAdam, same protocol) are ``benchmarks/adam_step.py``.
+
 Steps are interleaved (each round times one step of every optimizer, in a rotating order),
 and the medians over the rounds after warm-up are reported. The first warm-up step of each
 optimizer (which compiles the numba kernels when they are not cached yet) is reported
