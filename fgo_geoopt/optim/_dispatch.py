@@ -10,7 +10,7 @@ import torch
 from . import cpu, gpu
 from ._state import Workspace
 
-__all__ = ["backend_of"]
+__all__ = ["backend_of", "load_keeping_backends"]
 
 
 def backend_of(p: torch.Tensor, backend: str, workspace: Workspace) -> str:
@@ -32,6 +32,17 @@ def backend_of(p: torch.Tensor, backend: str, workspace: Workspace) -> str:
         _warn_fallback_once(cpu.reason_refused(coll, p))
         return "torch"
     return "gpu" if gpu.accepts(coll, p, workspace) else "torch"
+
+
+def load_keeping_backends(opt: torch.optim.Optimizer, load, state_dict: dict) -> None:
+    """``load(state_dict)`` (the parent class's ``load_state_dict``), then every group of
+    ``opt`` gets its own ``backend``
+    back: it says how this process runs the step, not what the run is (a checkpoint from a GPU
+    machine must not switch a CPU run to another backend, nor the reverse)."""
+    backends = [group["backend"] for group in opt.param_groups]
+    load(state_dict)
+    for group, backend in zip(opt.param_groups, backends, strict=True):
+        group["backend"] = backend
 
 
 _FALLBACK_WARNED: set[str] = set()

@@ -22,7 +22,15 @@ from ._adam_kernels import geometry, is_euclidean, is_row_vector, rowdot
 from ._records import Layer
 from ._state import Workspace
 
-__all__ = ["AdamHyper", "init_state", "kernel_major", "moment_shape", "step", "to_blocks"]
+__all__ = [
+    "AdamHyper",
+    "advance",
+    "init_state",
+    "kernel_major",
+    "moment_shape",
+    "step",
+    "to_blocks",
+]
 
 
 @dataclass(frozen=True)
@@ -158,13 +166,20 @@ def step(layers: list[Layer], hyper: AdamHyper, workspace: Workspace) -> torch.T
     """
     skipped: torch.Tensor | int = 0
     for layer in layers:
-        st = layer.state
-        init_state(st, layer.param, layer.coll, hyper)
-        st["step"] += 1
+        t = advance(layer, hyper)
         skipped = skipped + collection_step(
-            layer.coll, layer.param, layer.grad, st, hyper, float(st["step"]), workspace
+            layer.coll, layer.param, layer.grad, layer.state, hyper, t, workspace
         )
     return skipped
+
+
+def advance(layer: Layer, hyper: AdamHyper) -> float:
+    """Create or check the layer's moments (:func:`init_state`) and count this step; returns
+    the step number ``t`` (both backends start a layer's step here)."""
+    st = layer.state
+    init_state(st, layer.param, layer.coll, hyper)
+    st["step"] += 1
+    return float(st["step"])
 
 
 def collection_step(

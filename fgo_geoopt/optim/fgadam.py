@@ -25,7 +25,7 @@ from ._checks import (
     raise_if_nonfinite,
     validate_adam,
 )
-from ._dispatch import backend_of
+from ._dispatch import backend_of, load_keeping_backends
 from ._plain import split_params
 from ._records import Layer
 from ._state import Workspace
@@ -181,10 +181,7 @@ class FGAdam(RiemannianAdam):
         check_adam_state(self.param_groups, state_dict)
         state_dict = dict(state_dict)
         count = state_dict.pop("nonfinite_count", 0)
-        backends = [group["backend"] for group in self.param_groups]
-        super().load_state_dict(state_dict)
-        for group, backend in zip(self.param_groups, backends, strict=True):
-            group["backend"] = backend  # how this process runs the step (see __init__)
+        load_keeping_backends(self, super().load_state_dict, state_dict)
         self.nonfinite_count = int(count)
 
     @torch.no_grad()

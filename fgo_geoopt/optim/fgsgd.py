@@ -18,7 +18,7 @@ from ._checks import (
     raise_if_nonfinite,
     validate,
 )
-from ._dispatch import backend_of
+from ._dispatch import backend_of, load_keeping_backends
 from ._plain import generic_step, plain_step, split_params
 from ._records import Hyper, Layer, total_count
 from ._state import Workspace, plain_buffer, to_tiles
@@ -216,13 +216,7 @@ class FGSGD(RiemannianSGD):
         check_loaded_state(self.param_groups, state_dict)
         state_dict = dict(state_dict)
         count = state_dict.pop("nonfinite_count", 0)
-        # ``backend`` says how this process runs the step, not what the run is: the one given
-        # to this optimizer wins over the one saved (a checkpoint from a GPU machine must not
-        # switch a CPU run to another backend, nor the reverse).
-        backends = [group["backend"] for group in self.param_groups]
-        super().load_state_dict(state_dict)
-        for group, backend in zip(self.param_groups, backends, strict=True):
-            group["backend"] = backend
+        load_keeping_backends(self, super().load_state_dict, state_dict)
         self.nonfinite_count = int(count)
 
     @torch.no_grad()

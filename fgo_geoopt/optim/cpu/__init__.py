@@ -157,8 +157,7 @@ def adam_step(layers: list[Layer], hyper: Any, workspace: Workspace) -> int:
     jobs, copies = [], []
     for layer in layers:
         p, coll, st = layer.param, layer.coll, layer.state
-        batched.init_state(st, p, coll, hyper)
-        st["step"] += 1
+        t = batched.advance(layer, hyper)
         batched.set_kernel_major(st, coll, workspace)
         cache = workspace.of(coll)
         plan = cache.get("cpu adam plan")
@@ -182,7 +181,7 @@ def adam_step(layers: list[Layer], hyper: Any, workspace: Workspace) -> int:
                 st["exp_avg_sq"].numpy(),
                 vmax,
                 hyper,
-                float(st["step"]),
+                t,
             )
         )
         if x is not p:
